@@ -1,0 +1,114 @@
+"""Calibration data: any batch format in, model outputs out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["CalibrationData", "default_forward", "batch_size_of"]
+
+Batch = Any
+
+
+def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Tensor -> model(t); (x, y, ...) -> model(x); dict -> model(**dict) (Hugging Face style)."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)) and batch:
+        return model(batch[0])
+    raise TypeError(f"cannot feed a batch of type {type(batch).__name__} to the model; "
+                    "pass a Tensor, an (inputs, labels) pair, a dict, or a forward_fn")
+
+
+def batch_size_of(batch: Batch) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        return batch_size_of(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch_size_of(batch[0])
+    raise TypeError(f"cannot find the batch size of a {type(batch).__name__}")
+
+
+def _slice(batch: Batch, n: int) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, dict):
+        return {k: _slice(v, n) for k, v in batch.items()}
+    return type(batch)(_slice(b, n) for b in batch)
+
+
+class CalibrationData:
+    """A small, materialised calibration set that can be iterated many times.
+
+    source: a DataLoader or any iterable of batches, or a single Tensor of inputs (split into
+    ``batch_size`` chunks). limit: number of samples kept. forward_fn(model, batch) -> output
+    overrides how a batch is fed to the model. Labels are ``batch[1]`` of tuple batches, if any.
+    """
+
+    def __init__(self, source: Iterable[Batch] | torch.Tensor, limit: int | None = None,
+                 forward_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+                 batch_size: int = 100) -> None:
+        if isinstance(source, CalibrationData):
+            source, forward_fn = source.batches, forward_fn or source.forward_fn
+        if isinstance(source, torch.Tensor):
+            source = list(source.split(batch_size))
+        self.forward_fn = forward_fn or default_forward
+        self.batches: list[Batch] = []
+        count = 0
+        for batch in source:
+            n = batch_size_of(batch)
+            if limit is not None and count + n > limit:
+                batch, n = _slice(batch, limit - count), limit - count
+            if n > 0:
+                self.batches.append(batch)
+                count += n
+            if limit is not None and count >= limit:
+                break
+        if count == 0:
+            raise ValueError("the calibration set is empty: pass at least one sample")
+        self.num_samples = count
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def forward(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        out = self.forward_fn(model, batch)
+        return out if isinstance(out, torch.Tensor) else _logits(out)
+
+    def labels(self, batch: Batch) -> torch.Tensor | None:
+        if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
+            return batch[1]
+        if isinstance(batch, dict) and isinstance(batch.get("labels"), torch.Tensor):
+            return batch["labels"]
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels(self.batches[0]) is not None
+
+    def run_all(self, model: nn.Module) -> None:
+        """One forward pass over every batch (used by statistics collection)."""
+        with torch.no_grad():
+            for batch in self.batches:
+                self.forward(model, batch)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """Pick the main tensor out of a model output (HF ModelOutput, tuple, dict)."""
+    for key in ("logits", "last_hidden_state"):
+        if hasattr(out, key):
+            return getattr(out, key)
+        if isinstance(out, dict) and key in out:
+            return out[key]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"model returned {type(out).__name__}; pass a forward_fn that returns a Tensor")

@@ -1,0 +1,71 @@
+"""Pure quantization primitives (no state, no hooks).
+
+Conventions follow torch.fake_quantize_per_{tensor,channel}_affine so results are bit-exact:
+q = clamp(zero_point + round_half_even(x * (1 / scale)), qmin, qmax); x_hat = (q - zero_point) * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantSpec
+
+__all__ = ["round_ste", "fake_quantize", "quantize_int", "qparams_from_range", "broadcast_shape"]
+
+EPS = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def broadcast_shape(x: torch.Tensor, axis: int) -> list[int]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of ``x``."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return shape
+
+
+def _expand(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.per_channel and t.numel() > 1:
+        return t.reshape(broadcast_shape(x, spec.axis))
+    return t.reshape(()) if t.numel() == 1 else t
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                 spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as float) of ``x``: shape of ``x``; scale/zero_point scalar or (C,)."""
+    s, z = _expand(scale, x, spec), _expand(zero_point, x, spec)
+    return torch.clamp(torch.round(x * (1.0 / s)) + z, spec.qmin, spec.qmax)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  spec: QuantSpec) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with straight-through rounding.
+
+    Gradients flow to ``x`` (inside the clipping range), to ``scale`` and to ``zero_point``
+    (as in LSQ/LSQ+); ``zero_point`` is rounded to an integer in the forward pass.
+    """
+    s, z = _expand(scale, x, spec), _expand(round_ste(zero_point), x, spec)
+    q = torch.clamp(round_ste(x * (1.0 / s)) + z, spec.qmin, spec.qmax)
+    return (q - z) * s
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor,
+                       spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero-point that represent [lo, hi] (widened to include 0).
+
+    lo, hi: scalars or (C,) tensors. Symmetric: scale = max(|lo|, |hi|) / ((qmax - qmin) / 2),
+    zero-point 0. Asymmetric: scale = (hi - lo) / (qmax - qmin), zero-point = qmin - round(lo / scale)
+    clamped to the grid, so that 0.0 is represented exactly.
+    """
+    lo = torch.minimum(torch.as_tensor(lo, dtype=torch.float32), torch.zeros(()))
+    hi = torch.maximum(torch.as_tensor(hi, dtype=torch.float32), torch.zeros(()))
+    if spec.symmetric:
+        scale = torch.maximum(-lo, hi) / ((spec.qmax - spec.qmin) / 2)
+        scale = torch.clamp(scale, min=EPS)
+        return scale, torch.zeros_like(scale)
+    scale = torch.clamp((hi - lo) / (spec.qmax - spec.qmin), min=EPS)
+    zero_point = torch.clamp(spec.qmin - torch.round(lo / scale), spec.qmin, spec.qmax)
+    return scale, zero_point

@@ -1,0 +1,152 @@
+"""Quantized layers and the registry float type -> quantized type.
+
+A quantized layer holds its (BN-folded) float weight and bias, a per-output-channel weight
+quantizer ``w_quant`` and a per-tensor input-activation quantizer ``a_quant``. Biases stay float
+(32-bit in the integer runtime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.quantizer import Quantizer
+from ..core.spec import QuantSpec
+
+__all__ = ["FoldedBN", "QuantModule", "QuantConv1d", "QuantConv2d", "QuantLinear", "REGISTRY",
+           "register", "quant_layers"]
+
+REGISTRY: dict[type[nn.Module], type[QuantModule]] = {}
+
+
+def register(float_type: type[nn.Module]):  # type: ignore[no-untyped-def]
+    """Class decorator: ``float_type`` modules are swapped for the decorated quantized type."""
+
+    def deco(cls: type[QuantModule]) -> type[QuantModule]:
+        REGISTRY[float_type] = cls
+        cls.float_type = float_type
+        return cls
+
+    return deco
+
+
+@dataclass
+class FoldedBN:
+    """The BatchNorm that was folded into a layer (kept for batch-norm tuning, appendix B)."""
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    eps: float
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
+
+class QuantModule(nn.Module):
+    """Base of quantized layers: y = op(a_quant(x), w_quant(weight)) + bias."""
+
+    float_type: ClassVar[type[nn.Module]]
+
+    def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
+        super().__init__()
+        weight = fl.weight.detach().clone()
+        self.weight = nn.Parameter(weight)
+        bias = getattr(fl, "bias", None)
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.w_quant = Quantizer(QuantSpec(w_spec.bits, w_spec.symmetric, "channel", 0),
+                                 weight.shape[0])
+        self.a_quant = Quantizer(QuantSpec(a_spec.bits, a_spec.symmetric, "tensor"))
+        self.folded_bn: FoldedBN | None = None
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def w_bits(self) -> int:
+        return self.w_quant.spec.bits
+
+    @property
+    def a_bits(self) -> int:
+        return self.a_quant.spec.bits
+
+    def macs_per_sample(self, out_shape: torch.Size) -> int:
+        """Multiply-accumulates per sample given the layer's output shape (N, C, ...)."""
+        per_output = self.weight[0].numel()
+        return int(per_output * torch.Size(out_shape[1:]).numel())
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def quant_weight(self) -> torch.Tensor:
+        return self.w_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self.a_quant(x), self.w_quant(self.weight), self.bias)
+
+    def ensure_bias(self) -> nn.Parameter:
+        """Create a zero bias if the layer has none (BN folding and bias correction need one)."""
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros(self.out_channels, dtype=self.weight.dtype))
+        return self.bias
+
+
+class _QuantConvNd(QuantModule):
+    _fn: ClassVar = None
+
+    def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
+        super().__init__(fl, w_spec, a_spec)
+        if fl.padding_mode != "zeros":  # type: ignore[attr-defined]
+            raise ValueError(f"padding_mode={fl.padding_mode!r} is not supported (zeros only)")
+        self.stride = fl.stride
+        self.padding = fl.padding
+        self.dilation = fl.dilation
+        self.groups = fl.groups
+        self.in_channels = fl.in_channels
+        self.kernel_size = fl.kernel_size
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return type(self)._fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, groups={self.groups}")
+
+
+@register(nn.Conv1d)
+class QuantConv1d(_QuantConvNd):
+    _fn = staticmethod(F.conv1d)
+
+
+@register(nn.Conv2d)
+class QuantConv2d(_QuantConvNd):
+    _fn = staticmethod(F.conv2d)
+
+
+@register(nn.Linear)
+class QuantLinear(QuantModule):
+    def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
+        super().__init__(fl, w_spec, a_spec)
+        self.in_features = fl.in_features
+        self.out_features = fl.out_features
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, b)
+
+    def macs_per_sample(self, out_shape: torch.Size) -> int:
+        return int(self.weight.shape[1] * torch.Size(out_shape[1:]).numel())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantModule]:
+    """Quantized layers by module name, in execution order when it was recorded by prepare()."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
+    order = getattr(getattr(model, "ptq", None), "layer_order", None)
+    if order:
+        return {n: found[n] for n in order if n in found}
+    return found

@@ -1,0 +1,195 @@
+"""Model surgery: copy the user's model, fold BatchNorm, swap layers, record execution order."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core.spec import QuantSpec
+from .modules import REGISTRY, FoldedBN, QuantModule, quant_layers
+
+__all__ = ["LayerPolicy", "PTQState", "prepare", "find_conv_bn_pairs", "set_module",
+           "record_layer_order", "apply_bit_policy"]
+
+log = logging.getLogger(__name__)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+_CONV = (nn.Conv1d, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """Which layers are quantized and at which bits (module names matched with fnmatch)."""
+
+    w_bits: int = 8
+    a_bits: int = 8
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    first_last_8bit: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    overrides: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        QuantSpec(self.w_bits)  # validates the bit widths
+        QuantSpec(self.a_bits)
+        for name, bits in self.overrides.items():
+            if len(bits) != 2:
+                raise ValueError(f"override for {name!r} must be (w_bits, a_bits), got {bits!r}")
+            QuantSpec(int(bits[0]))
+            QuantSpec(int(bits[1]))
+
+    def selects(self, name: str) -> bool:
+        inc = any(fnmatch.fnmatchcase(name, p) for p in self.include)
+        return inc and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+@dataclass
+class PTQState:
+    """What prepare() did, attached to the quantized model as ``model.ptq``."""
+
+    layer_order: list[str] = field(default_factory=list)
+    folded: dict[str, str] = field(default_factory=dict)  # conv name -> bn name
+    bn_unfolded_reason: str | None = None
+    stays_float: list[str] = field(default_factory=list)  # leaf modules not quantized
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def find_conv_bn_pairs(model: nn.Module) -> tuple[dict[str, str], str | None]:
+    """conv -> bn module-name pairs where BN directly and only consumes the conv output.
+
+    Returns (pairs, reason); reason says why none could be found when torch.fx cannot trace.
+    """
+    if not any(isinstance(m, _BN) for m in model.modules()):
+        return {}, None
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many exception types on untraceable code
+        return {}, f"torch.fx could not trace the model ({type(exc).__name__}: {exc})".split("\n")[0]
+    mods = dict(model.named_modules())
+    pairs: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(node.target), _BN):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), _CONV) and len(src.users) == 1):
+            pairs[str(src.target)] = str(node.target)
+    return pairs, None
+
+
+@torch.no_grad()
+def _fold(conv: nn.Module, bn: nn.Module) -> FoldedBN:
+    """Fold eval-mode BN into the conv in place: W' = W g/s, b' = (b - mu) g/s + beta."""
+    gamma = bn.weight.detach().clone() if bn.weight is not None else torch.ones_like(bn.running_var)
+    beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros_like(bn.running_var)
+    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(factor)
+    conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
+    return FoldedBN(gamma, beta, float(bn.eps), bn.running_mean.clone(), bn.running_var.clone())
+
+
+def _fold_all(model: nn.Module, state: PTQState) -> dict[str, FoldedBN]:
+    pairs, reason = find_conv_bn_pairs(model)
+    state.bn_unfolded_reason = reason
+    if reason:
+        warnings.warn(f"BatchNorm left unfolded: {reason}", stacklevel=3)
+    folded = {}
+    for conv_name, bn_name in pairs.items():
+        folded[conv_name] = _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        set_module(model, bn_name, nn.Identity())
+    state.folded = pairs
+    return folded
+
+
+def _swap(model: nn.Module, policy: LayerPolicy, folded: dict[str, FoldedBN],
+          state: PTQState) -> None:
+    w_spec = QuantSpec(policy.w_bits, policy.w_symmetric, "channel")
+    a_spec = QuantSpec(policy.a_bits, policy.a_symmetric)
+    for name, mod in list(model.named_modules()):
+        qcls = REGISTRY.get(type(mod))
+        if qcls is not None and name and policy.selects(name):
+            q = qcls(mod, w_spec, a_spec)
+            q.folded_bn = folded.get(name)
+            set_module(model, name, q)
+        elif name and not list(mod.children()) and not isinstance(mod, nn.Identity):
+            if any(p.requires_grad for p in mod.parameters(recurse=False)) or qcls is not None:
+                state.stays_float.append(f"{name} ({type(mod).__name__})")
+
+
+@torch.no_grad()
+def record_layer_order(model: nn.Module, run: Callable[[nn.Module], object]) -> list[str]:
+    """Execution order of quantized layers, recorded with forward hooks during ``run(model)``."""
+    order: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantModule):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, n=name: order.append(n) if n not in order else None))
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    unused = [n for n, m in model.named_modules() if isinstance(m, QuantModule) and n not in order]
+    if unused:
+        log.warning("layers never called during calibration (left unquantized): %s", unused)
+    return order
+
+
+def apply_bit_policy(model: nn.Module, policy: LayerPolicy) -> None:
+    """Set each layer's bits: base bits, first/last 8-bit, then per-layer overrides (by pattern)."""
+    layers = quant_layers(model)
+    names = list(layers)
+    unknown = [p for p in policy.overrides if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unknown:
+        raise ValueError(f"bit overrides name no quantized layer: {unknown}; "
+                         f"quantized layers are: {', '.join(names)}")
+    for i, (name, layer) in enumerate(layers.items()):
+        w, a = policy.w_bits, policy.a_bits
+        if policy.first_last_8bit and i in (0, len(names) - 1):
+            w, a = max(w, 8), max(a, 8)
+        for pattern, bits in policy.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                w, a = int(bits[0]), int(bits[1])
+        layer.w_quant.set_spec(layer.w_quant.spec.with_bits(w))
+        layer.a_quant.set_spec(layer.a_quant.spec.with_bits(a))
+
+
+def prepare(model: nn.Module, policy: LayerPolicy,
+            run: Callable[[nn.Module], object]) -> nn.Module:
+    """Return a quantization-ready copy of ``model`` (the original is never modified).
+
+    ``run(m)`` must execute one forward pass on representative data; it is used to record the
+    execution order of the quantized layers (for first/last policy and sequential methods).
+    """
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    state = PTQState()
+    folded = _fold_all(qmodel, state)
+    _swap(qmodel, policy, folded, state)
+    qmodel.ptq = state  # type: ignore[assignment]
+    state.layer_order = record_layer_order(qmodel, run)
+    if not state.layer_order:
+        raise ValueError("no Conv1d/Conv2d/Linear layer was selected and called by the model; "
+                         "check the include/exclude patterns")
+    unused = [n for n, m in qmodel.named_modules() if isinstance(m, QuantModule)
+              and n not in state.layer_order]
+    for n in unused:  # never executed: restore nothing, just keep them as float
+        qmodel.get_submodule(n).w_quant.enabled = False
+        qmodel.get_submodule(n).a_quant.enabled = False
+    apply_bit_policy(qmodel, policy)
+    return qmodel

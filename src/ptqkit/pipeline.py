@@ -1,0 +1,201 @@
+"""Recipe -> ordered Steps; runs them on a copy of the user's model and reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .algorithms import STEPS
+from .algorithms.base import Context, Report, options_from_dict
+from .calib.capture import record_io
+from .calib.data import CalibrationData
+from .calib.loss import sqnr_db
+from .nn.control import quantizers_disabled
+from .nn.modules import quant_layers
+from .nn.prepare import LayerPolicy, prepare
+
+__all__ = ["Recipe", "StepSpec", "PRESETS", "quantize"]
+
+log = logging.getLogger(__name__)
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A step by registry name plus its options (validated against the step's Options)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.name not in STEPS:
+            raise ValueError(f"unknown step {self.name!r}; expected one of {sorted(STEPS)}")
+        options_from_dict(STEPS[self.name], dict(self.options))
+
+
+# Presets: extra steps run after range initialisation. Later methods add their presets here.
+PRESETS: dict[str, tuple[StepSpec, ...]] = {"default": ()}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a quantization run (see ALGORITHMS.md, "Setting").
+
+    Weights are per output channel and activations per tensor, both asymmetric by default; the
+    first and last quantized layers stay at 8 bits unless ``first_last_8bit`` is False.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    first_last_8bit: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    overrides: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    w_range: str = "mse"
+    a_range: str = "mse"
+    percentile: float = 99.99
+    calib_size: int | None = None
+    seed: int = 0
+    steps: tuple[StepSpec, ...] = ()
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"recipe version {self.version} is not supported (expected "
+                             f"{RECIPE_VERSION}); write the recipe again with this ptqkit")
+        self.policy()  # validates bits and overrides
+        self.range_options()  # validates range methods
+        if self.calib_size is not None and self.calib_size < 1:
+            raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
+
+    def policy(self) -> LayerPolicy:
+        return LayerPolicy(self.w_bits, self.a_bits, self.w_symmetric, self.a_symmetric,
+                           self.first_last_8bit, tuple(self.include), tuple(self.exclude),
+                           dict(self.overrides))
+
+    def range_options(self) -> Any:
+        return options_from_dict(STEPS["ranges"], {
+            "weights": self.w_range, "activations": self.a_range, "percentile": self.percentile})
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Recipe:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls.from_dict({"steps": [dataclasses.asdict(s) for s in PRESETS[name]], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown recipe key(s) {unknown}; valid keys: {sorted(known)}")
+        d = dict(d)
+        for key in ("include", "exclude"):
+            if key in d:
+                d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
+        if "overrides" in d:
+            d["overrides"] = {k: tuple(v) for k, v in dict(d["overrides"] or {}).items()}
+        if "steps" in d:
+            d["steps"] = tuple(_step_spec(s) for s in d["steps"] or ())
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        d["overrides"] = {k: list(v) for k, v in self.overrides.items()}
+        d["steps"] = [{"name": s.name, "options": dict(s.options)} for s in self.steps]
+        return d
+
+    def with_steps(self, *steps: StepSpec | str) -> Recipe:
+        return dataclasses.replace(self, steps=self.steps + tuple(_step_spec(s) for s in steps))
+
+
+def _step_spec(s: Any) -> StepSpec:
+    if isinstance(s, StepSpec):
+        return s
+    if isinstance(s, str):
+        return StepSpec(s)
+    if isinstance(s, Mapping) and "name" in s:
+        return StepSpec(s["name"], dict(s.get("options") or {}))
+    raise ValueError(f"a step must be a name or {{name: ..., options: {{...}}}}, got {s!r}")
+
+
+def _as_calib(calib: Any, recipe: Recipe) -> CalibrationData:
+    if isinstance(calib, CalibrationData):
+        return calib if recipe.calib_size is None else CalibrationData(calib, recipe.calib_size)
+    return CalibrationData(calib, recipe.calib_size)
+
+
+@torch.no_grad()
+def layer_sqnr(qmodel: nn.Module, calib: CalibrationData, batches: int = 1) -> dict[str, float]:
+    """SQNR (dB) of every quantized layer's output in the quantized model vs the float model."""
+    layers = quant_layers(qmodel)
+    some = list(calib)[:batches]
+    with record_io(layers, inputs=False, outputs=True) as q_out:
+        for b in some:
+            calib.forward(qmodel, b)
+    with quantizers_disabled(qmodel), record_io(layers, inputs=False, outputs=True) as f_out:
+        for b in some:
+            calib.forward(qmodel, b)
+    return {n: sqnr_db(torch.cat(f_out[n + ":out"]), torch.cat(q_out[n + ":out"]))
+            for n in layers if n + ":out" in q_out}
+
+
+def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Tensor,
+             recipe: Recipe | None = None,
+             forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> nn.Module:
+    """Quantize a copy of ``model`` with ``recipe`` using the unlabeled ``calib`` data.
+
+    Returns the quantized model (the input model is untouched) with ``.report`` attached.
+    ``calib``: a DataLoader, an iterable of batches, a Tensor of inputs or a CalibrationData.
+    """
+    recipe = recipe or Recipe()
+    data = _as_calib(calib, recipe)
+    if forward_fn is not None:
+        data.forward_fn = forward_fn
+    torch.manual_seed(recipe.seed)
+    t0 = time.perf_counter()
+    qmodel = prepare(model, recipe.policy(), lambda m: data.forward(m, data.batches[0]))
+    report = Report(recipe=recipe.to_dict(), stays_float=list(qmodel.ptq.stays_float))
+    if qmodel.ptq.bn_unfolded_reason:
+        report.notes.append("BatchNorm left unfolded: " + qmodel.ptq.bn_unfolded_reason)
+    report.notes.append("float: residual adds, pooling, activations, normalisation, softmax; "
+                        "biases 32-bit")
+    for name, layer in quant_layers(qmodel).items():
+        report.layer(name).update(type=type(layer).__name__, w_bits=layer.w_bits,
+                                  a_bits=layer.a_bits, bn_folded=layer.folded_bn is not None)
+    ctx = Context(qmodel, data, report, recipe.seed)
+    steps = [STEPS["ranges"](recipe.range_options())]
+    steps += [STEPS[s.name](options_from_dict(STEPS[s.name], dict(s.options))) for s in recipe.steps]
+    for step in steps:
+        t = time.perf_counter()
+        summary = step.run(ctx)
+        report.steps.append({"step": step.name, **summary, "seconds": time.perf_counter() - t})
+        log.info("step %s done in %.1fs", step.name, time.perf_counter() - t)
+    for name, layer in quant_layers(qmodel).items():
+        report.layer(name).update(w_bits=layer.w_bits, a_bits=layer.a_bits)
+    for name, value in layer_sqnr(qmodel, data).items():
+        report.layer(name)["sqnr_db"] = value
+    report.steps.append({"step": "total", "seconds": time.perf_counter() - t0})
+    qmodel.report = report  # type: ignore[assignment]
+    return qmodel
