@@ -63,7 +63,7 @@ def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], da
     for name, mod in modules.items():
         handles.append(mod.register_forward_pre_hook(hook(name)))
     try:
-        data.run_all(model)
+        data.run_all(model, desc="activation statistics")
     finally:
         for h in handles:
             h.remove()
