@@ -36,7 +36,7 @@ def test_adaquant_layer_improves_and_writes_best_iterate() -> None:
     before = layer_mse(layer, [(x, y)])
     stats = adaquant_layer(layer, x, y, AdaQuantOptions(iters=100, eval_every=10))
     assert stats.mse_before == pytest.approx(before, rel=1e-6)
-    assert stats.mse_after < 0.8 * stats.mse_before  # min-max 4-bit leaves a lot to gain
+    assert stats.mse_after < 0.9 * stats.mse_before  # min-max 4-bit leaves room to gain
     # the layer now computes exactly the reported best iterate
     assert layer_mse(layer, [(x, y)]) == pytest.approx(stats.mse_after, rel=1e-5)
     assert stats.samples == 200 and stats.iters == 100 and 0 < stats.best_iter <= 100

@@ -52,7 +52,7 @@ __all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capt
 
 log = logging.getLogger(__name__)
 
-Pair = tuple[torch.Tensor, torch.Tensor]
+Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,13 @@ class AdaQuantOptions:
     """
 
     mode: str = "sequential"
-    iters: int = 200
+    iters: int = 100
     batch_size: int = 50
     lr_weight: float = 1e-2
     lr_bias: float = 1e-3
     lr_w_qparams: float = 1e-3
     lr_a_qparams: float = 1e-2
-    eval_every: int = 50
+    eval_every: int = 25
     memory_budget_mb: float = 1024.0
     spill_dir: str | None = None
 
@@ -281,8 +281,9 @@ def collect_layer_io(name: str, qmodel: nn.Module, reference: nn.Module, calib: 
     the target is the float layer applied to the float input. The input is the float input
     (parallel) or the input produced by ``qmodel``'s quantized prefix (sequential).
     """
-    ref_layer = reference.get_submodule(name)
-    q_layer = qmodel.get_submodule(name)
+    ref_layer, q_layer = reference.get_submodule(name), qmodel.get_submodule(name)
+    if not isinstance(ref_layer, QuantModule):
+        raise ValueError(f"{name!r} is a {type(ref_layer).__name__}, expected a quantized layer")
     for batch in calib:
         x_float = capture_layer_input(reference, ref_layer, calib, batch)
         y = ref_layer.op(x_float, ref_layer.weight, ref_layer.bias)
@@ -316,8 +317,10 @@ class AdaQuant(Step):
         try:
             with _float_reference(ctx.qmodel) as ref:
                 for name in tqdm(layers, desc=f"adaquant ({opts.mode})", disable=None):
+                    t0 = time.perf_counter()
                     stats = self._one_layer(ctx, ref, name, gen, peak)
-                    ctx.report.layer(name)["adaquant"] = stats.to_dict()
+                    ctx.report.layer(name)["adaquant"] = {
+                        **stats.to_dict(), "total_seconds": time.perf_counter() - t0}
                     done.append(name)
         except KeyboardInterrupt:
             msg = (f"AdaQuant interrupted after {len(done)} of {len(layers)} layers"
