@@ -65,6 +65,12 @@ class AdaQuantOptions:
     relative step-size change and zero-point LSB per step for the weight / input quantizer.
     eval_every: steps between full-cache MSE checks that choose the best iterate.
     memory_budget_mb: activations of one layer kept in memory; the rest spills to ``spill_dir``.
+
+    Defaults: the paper's Adam learning rates translated to this parametrisation and checked on
+    layer MSE of calibration data (fmnist-resnet20 proxy): lr_weight 1e-2 LSB, lr_bias 1e-3,
+    lr_w_qparams 1e-3, lr_a_qparams 1e-2. 100 iterations (the paper uses 100, the authors' code
+    1000): on the proxy 200 iterations lowered layer MSE only 0-6% more than 100, and 100 keeps
+    full sequential AdaQuant of fmnist-resnet20 on 1000 images within the 3-minute budget.
     """
 
     mode: str = "sequential"
