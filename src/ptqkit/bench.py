@@ -129,13 +129,14 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
                          f"{', '.join(sorted([*METHODS, *RUNNERS]))}")
     recipe = METHODS[method](cfg)
     calib = suite.calib(cfg.calib_size, cfg.seed)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     res = suite.evaluate(qmodel)
     return {**row, "fp32_top1": res.get("fp32_top1"), "quant_top1": res.get("top1"),
             "delta": _delta(res), "agreement": res["agreement"], "kl": res["kl"],
             "compression": compression_ratio(qmodel), "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "peak_rss_mb": peak_rss_mb(), "recipe": recipe.to_dict()}
 
 
