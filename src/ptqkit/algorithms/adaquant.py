@@ -1,0 +1,349 @@
+"""AdaQuant: layer-wise calibration of weights, bias and quantizer parameters (Hubara et al.).
+
+Per layer, minimise eq. (2) / (D.18) of Hubara et al.
+
+    || W X + b - Q_w(W + V) Q_x(X') - (b + V_b) ||^2
+
+over a continuous weight offset V, a bias offset V_b, the weight quantizer's per-channel step
+sizes and zero-points and the input quantizer's step size and zero-point, with Adam and one
+learning rate per parameter group. ``X`` is the float layer input; ``X'`` is ``X`` in the
+*parallel* mode and the output of the already-quantized prefix in the *sequential* mode
+(eq. 3-4), for every calibration batch.
+
+Parametrisation (decides what the learning rates mean; Adam moves each parameter by about
+``lr`` per step whatever the gradient scale, so every group is expressed in natural units):
+
+* weight:  W + s_w0 * v           v per element, in units of the initial per-channel step s_w0
+* bias:    b + v_b                real units (as in the paper)
+* w step:  s_w0 * exp(u_w)        u_w per channel: lr is a relative change of the step size
+* w zp:    z_w0 + d_w             grid units (LSB), rounded with a straight-through estimator
+* x step:  s_x0 * exp(u_x)        relative, per tensor
+* x zp:    z_x0 + d_x             grid units
+
+The best iterate (by MSE over all cached samples, evaluated every ``eval_every`` steps and at
+the end; the starting point is a candidate) is written back, so MSE after <= MSE before.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calib.cache import ActivationCache
+from ..calib.data import CalibrationData
+from ..core.primitives import EPS, fake_quantize
+from ..core.quantizer import Quantizer
+from ..nn.control import quantizers_disabled
+from ..nn.modules import QuantModule
+from .base import Context, Step, register_step
+
+__all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capture_layer_input",
+           "collect_layer_io", "AdaQuant"]
+
+log = logging.getLogger(__name__)
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdaQuantOptions:
+    """Options of the "adaquant" step (learning rates in the units of the module docstring).
+
+    mode: "sequential" (inputs from the quantized prefix) or "parallel" (float inputs).
+    iters / batch_size: Adam steps per layer and samples per step (paper: batch 50).
+    lr_weight: weight offset, LSB per step; lr_bias: real units; lr_w_qparams / lr_a_qparams:
+    relative step-size change and zero-point LSB per step for the weight / input quantizer.
+    eval_every: steps between full-cache MSE checks that choose the best iterate.
+    memory_budget_mb: activations of one layer kept in memory; the rest spills to ``spill_dir``.
+    """
+
+    mode: str = "sequential"
+    iters: int = 200
+    batch_size: int = 50
+    lr_weight: float = 1e-2
+    lr_bias: float = 1e-3
+    lr_w_qparams: float = 1e-3
+    lr_a_qparams: float = 1e-2
+    eval_every: int = 50
+    memory_budget_mb: float = 1024.0
+    spill_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sequential", "parallel"):
+            raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
+        for key in ("iters", "batch_size", "eval_every"):
+            if int(getattr(self, key)) < (0 if key == "iters" else 1):
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        for key in ("lr_weight", "lr_bias", "lr_w_qparams", "lr_a_qparams", "memory_budget_mb"):
+            if float(getattr(self, key)) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Outcome of AdaQuant on one layer: MSE over all cached samples before and after."""
+
+    mse_before: float
+    mse_after: float
+    iters: int
+    best_iter: int
+    seconds: float
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _per_channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _fq(q: Quantizer, x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """What ``q.forward`` computes, with scale / zero-point given explicitly."""
+    if not q.active:
+        return x
+    return fake_quantize(x, scale.clamp(min=EPS), zp.clamp(q.spec.qmin, q.spec.qmax), q.spec)
+
+
+class _Reparam:
+    """The layer in the AdaQuant parametrisation (see module docstring); the layer is read only
+    until ``write`` copies an iterate back into it."""
+
+    def __init__(self, layer: QuantModule) -> None:
+        self.layer = layer
+        self.w0 = layer.weight.detach().clone()
+        self.b0 = layer.bias.detach().clone() if layer.bias is not None else None
+        self.sw0, self.zw0 = (t.detach().clone() for t in (layer.w_quant.scale, layer.w_quant.zero_point))
+        self.sa0, self.za0 = (t.detach().clone() for t in (layer.a_quant.scale, layer.a_quant.zero_point))
+        z = torch.zeros
+        self.v = z(self.w0.shape, requires_grad=True)
+        self.vb = z(self.w0.shape[0], requires_grad=True)
+        self.u_w, self.d_w = z(self.sw0.shape, requires_grad=True), z(self.zw0.shape, requires_grad=True)
+        self.u_a, self.d_a = z(self.sa0.shape, requires_grad=True), z(self.za0.shape, requires_grad=True)
+
+    def groups(self, opts: AdaQuantOptions) -> list[dict[str, Any]]:
+        return [{"params": [self.v], "lr": opts.lr_weight},
+                {"params": [self.vb], "lr": opts.lr_bias},
+                {"params": [self.u_w, self.d_w], "lr": opts.lr_w_qparams},
+                {"params": [self.u_a, self.d_a], "lr": opts.lr_a_qparams}]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor, torch.Tensor]:
+        """(weight, bias, w_scale, w_zp, a_scale, a_zp) of the current iterate."""
+        w = self.w0 + _per_channel(self.sw0, self.w0) * self.v
+        b = self.vb if self.b0 is None else self.b0 + self.vb
+        return (w, b, self.sw0 * torch.exp(self.u_w), self.zw0 + self.d_w,
+                self.sa0 * torch.exp(self.u_a), self.za0 + self.d_a)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b, sw, zw, sa, za = self.tensors()
+        lay = self.layer
+        return lay.op(_fq(lay.a_quant, x, sa, za), _fq(lay.w_quant, w, sw, zw), b)
+
+    @torch.no_grad()
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.detach().clone() for t in (self.v, self.vb, self.u_w, self.d_w, self.u_a, self.d_a)]
+
+    @torch.no_grad()
+    def load(self, snap: list[torch.Tensor]) -> None:
+        for t, s in zip((self.v, self.vb, self.u_w, self.d_w, self.u_a, self.d_a), snap):
+            t.copy_(s)
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Copy the current iterate into the layer (zero-points stored rounded)."""
+        w, b, sw, zw, sa, za = self.tensors()
+        lay = self.layer
+        lay.weight.copy_(w)
+        if self.b0 is not None or bool(self.vb.abs().max() > 0):
+            lay.ensure_bias().copy_(b)
+        lay.w_quant.scale.copy_(sw)
+        lay.w_quant.zero_point.copy_(torch.round(zw).clamp(lay.w_quant.spec.qmin, lay.w_quant.spec.qmax))
+        lay.a_quant.scale.copy_(sa)
+        lay.a_quant.zero_point.copy_(torch.round(za).clamp(lay.a_quant.spec.qmin, lay.a_quant.spec.qmax))
+
+
+@torch.no_grad()
+def _mse(fn: Any, data: Sequence[Pair]) -> float:
+    """Mean squared error over every element of every cached pair."""
+    total, count = 0.0, 0
+    for x, y in data:
+        total += float(F.mse_loss(fn(x), y, reduction="sum"))
+        count += y.numel()
+    return total / max(count, 1)
+
+
+def layer_mse(layer: QuantModule, data: Sequence[Pair]) -> float:
+    """MSE between ``layer(x)`` (quantized) and ``y`` over a sequence of (x, y) pairs."""
+    return _mse(layer, data)
+
+
+def _sample(data: Sequence[Pair], batch_size: int, gen: torch.Generator) -> Pair:
+    """A random mini-batch: a random cached chunk, then random samples of that chunk."""
+    x, y = data[int(torch.randint(len(data), (1,), generator=gen))]
+    if x.shape[0] <= batch_size:
+        return x, y
+    idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
+    return x[idx], y[idx]
+
+
+def _as_pairs(x_in: torch.Tensor | Sequence[Pair], y_target: torch.Tensor | None) -> Sequence[Pair]:
+    if isinstance(x_in, torch.Tensor):
+        if y_target is None or y_target.shape[0] != x_in.shape[0]:
+            raise ValueError("adaquant_layer: with a tensor x_in, pass y_target with the same number "
+                             f"of samples (got x_in {tuple(x_in.shape)}, y_target "
+                             f"{None if y_target is None else tuple(y_target.shape)})")
+        return [(x_in.detach(), y_target.detach())]
+    if y_target is not None:
+        raise ValueError("adaquant_layer: pass y_target only with a tensor x_in; a sequence of "
+                         "(x, y) pairs already holds the targets")
+    return x_in
+
+
+def adaquant_layer(layer: QuantModule, x_in: torch.Tensor | Sequence[Pair],
+                   y_target: torch.Tensor | None = None, options: AdaQuantOptions | None = None,
+                   generator: torch.Generator | None = None) -> LayerStats:
+    """AdaQuant on one layer in place (eq. 2 of Hubara et al.), for its current bit widths.
+
+    x_in: (N, C_in, ...) layer inputs with y_target (N, C_out, ...) float outputs ``W X + b``, or
+    a sequence of (x, y) chunks (an ActivationCache). The layer's weight, bias and quantizer
+    parameters are replaced by the best iterate; MSE after <= MSE before.
+    """
+    opts = options or AdaQuantOptions()
+    data = _as_pairs(x_in, y_target)
+    gen = generator or torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    rep = _Reparam(layer)
+    best_mse = before = _mse(rep, data)
+    best, best_iter = rep.snapshot(), 0
+    with torch.enable_grad():
+        opt = torch.optim.Adam(rep.groups(opts))
+        for it in range(1, opts.iters + 1):
+            x, y = _sample(data, opts.batch_size, gen)
+            loss = F.mse_loss(rep(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % opts.eval_every == 0 or it == opts.iters:
+                mse = _mse(rep, data)
+                if mse < best_mse:
+                    best_mse, best, best_iter = mse, rep.snapshot(), it
+    rep.load(best)
+    rep.write()
+    return LayerStats(before, best_mse, opts.iters, best_iter, time.perf_counter() - t0,
+                      sum(int(x.shape[0]) for x, _ in data))
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer input is recorded."""
+
+
+@torch.no_grad()
+def capture_layer_input(model: nn.Module, layer: nn.Module, calib: CalibrationData,
+                        batch: Any) -> torch.Tensor:
+    """Input of ``layer`` for one batch; the forward pass stops at the layer (nothing after it
+    runs). Raises ValueError if the model never calls the layer."""
+    got: list[torch.Tensor] = []
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        got.append(args[0].detach())
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        calib.forward(model, batch)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ValueError(f"the model never called layer {type(layer).__name__} on this batch; "
+                         "AdaQuant needs every selected layer to run in the forward pass")
+    return got[0]
+
+
+@torch.no_grad()
+def collect_layer_io(name: str, qmodel: nn.Module, reference: nn.Module, calib: CalibrationData,
+                     sequential: bool, cache: ActivationCache) -> ActivationCache:
+    """Fill ``cache`` with (layer input, float target) per calibration batch for layer ``name``.
+
+    reference: a float copy of the model taken before any layer was changed (quantizers off);
+    the target is the float layer applied to the float input. The input is the float input
+    (parallel) or the input produced by ``qmodel``'s quantized prefix (sequential).
+    """
+    ref_layer = reference.get_submodule(name)
+    q_layer = qmodel.get_submodule(name)
+    for batch in calib:
+        x_float = capture_layer_input(reference, ref_layer, calib, batch)
+        y = ref_layer.op(x_float, ref_layer.weight, ref_layer.bias)
+        x_in = capture_layer_input(qmodel, q_layer, calib, batch) if sequential else x_float
+        cache.append(x_in, y)
+    return cache
+
+
+@contextmanager
+def _float_reference(qmodel: nn.Module) -> Iterator[nn.Module]:
+    """A frozen float copy of the model as it is now, with every quantizer off."""
+    ref = copy.deepcopy(qmodel)
+    with quantizers_disabled(ref):
+        yield ref
+
+
+@register_step
+class AdaQuant(Step):
+    """Runs AdaQuant layer by layer in execution order (sequential or parallel mode)."""
+
+    name = "adaquant"
+    Options = AdaQuantOptions
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        opts: AdaQuantOptions = self.options
+        ctx.float_outputs()  # later steps need the float logits of the unchanged weights
+        layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active or m.a_quant.active}
+        gen = torch.Generator().manual_seed(ctx.seed)
+        done: list[str] = []
+        peak = {"memory_bytes": 0, "disk_bytes": 0}
+        try:
+            with _float_reference(ctx.qmodel) as ref:
+                for name in tqdm(layers, desc=f"adaquant ({opts.mode})", disable=None):
+                    stats = self._one_layer(ctx, ref, name, gen, peak)
+                    ctx.report.layer(name)["adaquant"] = stats.to_dict()
+                    done.append(name)
+        except KeyboardInterrupt:
+            msg = (f"AdaQuant interrupted after {len(done)} of {len(layers)} layers"
+                   f"{' (last finished: ' + done[-1] + ')' if done else ''}; the model passed to "
+                   "quantize() is untouched (ptqkit works on a copy)")
+            log.warning(msg)
+            raise KeyboardInterrupt(msg) from None
+        return self._summary(ctx, done, peak)
+
+    def _one_layer(self, ctx: Context, ref: nn.Module, name: str, gen: torch.Generator,
+                   peak: dict[str, int]) -> LayerStats:
+        opts: AdaQuantOptions = self.options
+        budget = int(opts.memory_budget_mb * (1 << 20))
+        with ActivationCache(budget, opts.spill_dir) as cache:
+            collect_layer_io(name, ctx.qmodel, ref, ctx.calib, opts.mode == "sequential", cache)
+            peak["memory_bytes"] = max(peak["memory_bytes"], cache.memory_bytes)
+            peak["disk_bytes"] = max(peak["disk_bytes"], cache.disk_bytes)
+            stats = adaquant_layer(ctx.layers()[name], cache, None, opts, gen)
+        log.info("adaquant %s: mse %.4g -> %.4g (%d iters, %.1fs)", name, stats.mse_before,
+                 stats.mse_after, stats.iters, stats.seconds)
+        return stats
+
+    def _summary(self, ctx: Context, done: list[str], peak: dict[str, int]) -> dict[str, Any]:
+        per_layer = [ctx.report.layer(n)["adaquant"] for n in done]
+        return {"mode": self.options.mode, "iters": self.options.iters, "layers": len(done),
+                "mse_before_sum": sum(s["mse_before"] for s in per_layer),
+                "mse_after_sum": sum(s["mse_after"] for s in per_layer),
+                "cache_peak_memory_mb": peak["memory_bytes"] / (1 << 20),
+                "cache_peak_disk_mb": peak["disk_bytes"] / (1 << 20)}
