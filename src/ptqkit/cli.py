@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir")
     b.add_argument("--json", help="write the rows as JSON here")
     b.set_defaults(func=cmd_bench)
+
+    from .sweep import add_sweep_parser
+    add_sweep_parser(sub)
     return p
 
 

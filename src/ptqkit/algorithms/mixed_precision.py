@@ -50,7 +50,8 @@ class MixedPrecisionOptions:
     points on labelled calibration data, else calibration-loss units). pin_first_last: None
     follows the recipe's first/last 8-bit policy; fixed: layer patterns pinned to (w, a).
     tuner: how each candidate's layer state is made ('ranges', or 'adaquant' = parallel
-    AdaQuant per bit width). load_table / save_table: JSON path of the sensitivity table."""
+    AdaQuant per bit width, with ``tuner_options`` passed to AdaQuantOptions).
+    load_table / save_table: JSON path of the sensitivity table."""
 
     candidates: str = "default"
     method: str = "ip"
@@ -64,6 +65,7 @@ class MixedPrecisionOptions:
     pin_first_last: bool | None = None
     fixed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     tuner: str = "ranges"
+    tuner_options: Mapping[str, Any] = field(default_factory=dict)
     load_table: str | None = None
     save_table: str | None = None
 
@@ -140,22 +142,31 @@ def range_tuner(w_range: str = "mse", a_range: str = "mse", percentile: float = 
     return tune
 
 
-def _adaquant_tuner(ctx_recipe: Mapping[str, Any], seed: int) -> OptionTuner:
-    from . import adaquant  # issue-4 module; imported lazily so IP works without it
+def _adaquant_tuner(recipe: Mapping[str, Any], seed: int, options: Mapping[str, Any]) -> OptionTuner:
+    """Parallel AdaQuant per candidate (section 3.1): ranges for the option's bits, then AdaQuant
+    on float inputs against the float layer output, so results for any bits can be stitched."""
+    from .adaquant import AdaQuantOptions, adaquant_layer
 
-    base = range_tuner(ctx_recipe.get("w_range", "mse"), ctx_recipe.get("a_range", "mse"),
-                       ctx_recipe.get("percentile", 99.99), seed=seed)
+    base = _range_tuner(recipe, seed, {})
+    opts = AdaQuantOptions(**{**dict(options), "mode": "parallel"})
 
     def tune(layer: QuantModule, option: Option, inputs: list[torch.Tensor]) -> None:
         base(layer, option, inputs)
-        adaquant.tune_layer_parallel(layer, inputs, seed=seed)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            pairs = [(x, layer.op(x, layer.weight, layer.bias)) for x in inputs]
+        adaquant_layer(layer, pairs, options=opts, generator=torch.Generator().manual_seed(seed))
 
     return tune
 
 
-TUNERS: dict[str, Callable[[Mapping[str, Any], int], OptionTuner]] = {
-    "ranges": lambda r, seed: range_tuner(r.get("w_range", "mse"), r.get("a_range", "mse"),
-                                          r.get("percentile", 99.99), seed=seed),
+def _range_tuner(recipe: Mapping[str, Any], seed: int, options: Mapping[str, Any]) -> OptionTuner:
+    return range_tuner(recipe.get("w_range", "mse"), recipe.get("a_range", "mse"),
+                       recipe.get("percentile", 99.99), seed=seed)
+
+
+# name -> factory(recipe dict, seed, tuner_options) -> OptionTuner
+TUNERS: dict[str, Callable[[Mapping[str, Any], int, Mapping[str, Any]], OptionTuner]] = {
+    "ranges": _range_tuner,
     "adaquant": _adaquant_tuner,
 }
 
@@ -306,7 +317,7 @@ class MixedPrecision(Step):
         recipe = ctx.report.recipe
         pin = recipe.get("first_last_8bit", True) if o.pin_first_last is None else o.pin_first_last
         session = Session(ctx.qmodel, ctx.calib, ctx.float_outputs(), o.loss,
-                          TUNERS[o.tuner](recipe, ctx.seed))
+                          TUNERS[o.tuner](recipe, ctx.seed, o.tuner_options))
         options, allowed = allowed_options(list(ctx.layers()), o, bool(pin))
         if o.load_table:
             session.use_table(SensitivityTable.load(o.load_table))
