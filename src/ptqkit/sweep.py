@@ -143,7 +143,7 @@ def _post_steps(model: nn.Module, calib: CalibrationData, float_out: list[torch.
 
 
 def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c: float,
-           cfg: SweepConfig) -> dict[str, Any]:
+           cfg: SweepConfig, seen: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     m = SWEEP_METHODS[method]
     row: dict[str, Any] = {"suite": suite.name, "method": method, "budget": c,
                            "candidates": cfg.candidates, "fp32_top1": suite.fp32_top1}
@@ -152,18 +152,24 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         sol = session.solve(Budget("compression", c), m.solver)
     except InfeasibleBudgetError as err:
         return {**row, "error": str(err), "smallest_feasible": err.smallest}
+    key = (tuple(sol.choice), m.tuner, m.post)
+    if key in seen:  # same configuration as an earlier point (e.g. all-8-bit): same numbers
+        return {**seen[key], **row, "status": sol.status, "same_as": seen[key]["method"],
+                "seconds": 0.0}
     model = session.apply(sol, copy.deepcopy(base))
     expected, measured_ip = sol.predicted["loss"], session.measured_loss(model)
     post = _post_steps(model, session.calib, session.float_out, m.post, cfg.seed)
     res = suite.evaluate(model)
     assert session.table is not None
-    return {**row, "quant_top1": res.get("top1"), "delta": _delta(res), "agreement": res["agreement"],
-            "kl": res["kl"], "compression": sol.predicted["compression"],
-            "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
-            "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
-            "calib_loss_after_post": session.measured_loss(model), "post": [p["step"] for p in post],
-            "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
-            "seconds": time.perf_counter() - t0}
+    seen[key] = {
+        **row, "quant_top1": res.get("top1"), "delta": _delta(res), "agreement": res["agreement"],
+        "kl": res["kl"], "compression": sol.predicted["compression"],
+        "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
+        "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
+        "calib_loss_after_post": session.measured_loss(model), "post": [p["step"] for p in post],
+        "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
+        "seconds": time.perf_counter() - t0}
+    return seen[key]
 
 
 def _delta(res: dict[str, Any]) -> float | None:
@@ -189,8 +195,9 @@ def run_sweep(suite_name: str, cfg: SweepConfig) -> list[dict[str, Any]]:
         rows.append(_table_row(suite.name, tuner, session.table))
         methods = [m for m in cfg.methods if SWEEP_METHODS[m].tuner == tuner]
         points = [(m, c) for m in methods for c in cfg.compressions]
+        seen: dict[Any, dict[str, Any]] = {}
         for m, c in tqdm(points, desc=f"sweep {suite.name} ({tuner})", disable=None):
-            rows.append(_point(suite, session, base, m, c, cfg))
+            rows.append(_point(suite, session, base, m, c, cfg, seen))
             log.info("%s %s @%.3f: %s", suite.name, m, c, rows[-1].get("quant_top1"))
     return rows
 
