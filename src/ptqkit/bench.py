@@ -6,6 +6,7 @@ A method is either a Recipe factory (``METHODS``) or a runner that builds its ow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from .evaluate import compression_ratio, evaluate, predict, top1
 from .pipeline import Recipe, quantize
 
 __all__ = ["BenchConfig", "Suite", "SUITES", "METHODS", "RUNNERS", "run_bench", "markdown_table",
-           "write_json"]
+           "write_json", "calib_size_study", "study_summary", "plot_study"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,10 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "minmax": lambda c: c.recipe(w_range="minmax", a_range="minmax"),
     "percentile": lambda c: c.recipe(w_range="percentile", a_range="percentile"),
     "mse": lambda c: c.recipe(w_range="mse", a_range="mse"),
+    "adaquant": lambda c: c.recipe(steps=[{"name": "adaquant", "options": {"mode": "parallel"}}]),
+    "seq-adaquant": lambda c: c.recipe(steps=["adaquant"]),
+    "seq-adaquant+bnt": lambda c: c.recipe(steps=["adaquant", "bn_tuning"]),
+    "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
 }
 
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}
@@ -178,3 +183,62 @@ def write_json(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(rows, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def calib_size_study(suite_name: str, methods: list[str], sizes: list[int], seeds: int,
+                     cfg: BenchConfig) -> list[dict[str, Any]]:
+    """One row per (calibration size, seed, method): the over-fitting study of Hubara et al.
+    (Fig. 1). Seeds 0..seeds-1 pick different calibration images (and seed the methods)."""
+    if suite_name not in SUITES:
+        raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(SUITES))}")
+    if not sizes or min(sizes) < 1 or seeds < 1:
+        raise ValueError(f"calibration sizes must be >= 1 and seeds >= 1, got {sizes}, {seeds}")
+    suite = SUITES[suite_name](cfg)
+    rows = []
+    for size in sizes:
+        for seed in range(seeds):
+            c = dataclasses.replace(cfg, calib_size=size, seed=seed)
+            rows += [run_method(suite, m, c) for m in methods]
+            log.info("calibration size %d seed %d done", size, seed)
+    return rows
+
+
+def study_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of top-1 per (method, calibration size)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["calib_size"]), []).append(r)
+    out = []
+    for (method, size), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        top = torch.tensor([float(r["quant_top1"]) for r in rs], dtype=torch.float64)
+        out.append({"suite": rs[0]["suite"], "method": method, "calib_size": size, "seeds": len(rs),
+                    "fp32_top1": rs[0]["fp32_top1"], "top1_mean": float(top.mean()),
+                    "top1_std": float(top.std()) if len(rs) > 1 else 0.0,
+                    "w_bits": rs[0]["w_bits"], "a_bits": rs[0]["a_bits"]})
+    return out
+
+
+def plot_study(summary: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+    """Top-1 (mean +- std over seeds) against calibration size, one line per method, float dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in summary):
+        rs = [r for r in summary if r["method"] == method]
+        ax.errorbar([r["calib_size"] for r in rs], [r["top1_mean"] for r in rs],
+                    yerr=[r["top1_std"] for r in rs], marker="o", capsize=3, label=method)
+    if summary and summary[0].get("fp32_top1") is not None:
+        ax.axhline(summary[0]["fp32_top1"], color="k", ls="--", lw=1, label="float")
+    ax.set_xscale("log")
+    ax.set_xlabel("calibration images")
+    ax.set_ylabel("top-1 (%)")
+    s = summary[0] if summary else {}
+    ax.set_title(f"{s.get('suite', '')} W{s.get('w_bits', '?')}A{s.get('a_bits', '?')}")
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -133,10 +133,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calib_study(args: argparse.Namespace, methods: list[str], cfg: bench_mod.BenchConfig) -> int:
+    sizes = [int(s) for s in args.calib_sizes.split(",") if s.strip()]
+    rows = bench_mod.calib_size_study(args.suite, methods, sizes, args.seeds, cfg)
+    summary = bench_mod.study_summary(rows)
+    print(bench_mod.markdown_table(summary, ("method", "calib_size", "seeds", "fp32_top1",
+                                             "top1_mean", "top1_std")))
+    bench_mod.plot_study(summary, args.plot)
+    print(f"wrote {args.plot}")
+    if args.json:
+        bench_mod.write_json(rows + [{"summary": summary}], args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
                                 args.calib_size, args.seed, args.data_dir)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.calib_sizes:
+        return _calib_study(args, methods, cfg)
     rows = bench_mod.run_bench(args.suite, methods, cfg)
     print(bench_mod.markdown_table(rows))
     if args.json:
@@ -182,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--data-dir")
     b.add_argument("--json", help="write the rows as JSON here")
+    b.add_argument("--calib-sizes", help="calibration-size study, e.g. 1,10,100,1000 (with --seeds)")
+    b.add_argument("--seeds", type=int, default=5, help="seeds per calibration size in the study")
+    b.add_argument("--plot", default="calib_study.png", help="where the study writes its plot")
     b.set_defaults(func=cmd_bench)
 
     from .sweep import add_sweep_parser

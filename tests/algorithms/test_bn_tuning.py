@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ptqkit.algorithms.bn_tuning import (
+    BNStats,
+    batch_moments,
+    bn_train_forward,
+    identity_bn,
+    refold,
+    tune_batchnorm,
+)
+from ptqkit.calib.data import CalibrationData
+from ptqkit.nn.modules import FoldedBN
+from ptqkit.pipeline import Recipe, quantize
+
+
+def _conv_bn() -> nn.Module:
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        model[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.5]))
+        model[1].weight.copy_(torch.tensor([0.7, 1.3, -0.9]))  # a negative gamma too
+        model[1].bias.copy_(torch.randn(3, generator=g))
+    return model.eval()
+
+
+def _data() -> CalibrationData:
+    return CalibrationData(torch.randn(20, 2, 5, 5, generator=torch.Generator().manual_seed(6)),
+                           batch_size=5)
+
+
+def test_identity_bn_is_the_identity() -> None:
+    folded = FoldedBN(torch.tensor([0.5, -2.0]), torch.tensor([0.3, 1.0]), 1e-3, torch.zeros(2),
+                      torch.ones(2))
+    gamma_r, beta_r, mu, var = identity_bn(folded)
+    assert torch.equal(mu, beta_r) and torch.allclose(var, torch.tensor([0.25, 4.0]))
+    assert torch.allclose(gamma_r, torch.sqrt(torch.tensor([0.251, 4.001])))
+    y = torch.randn(4, 2, 3, 3)
+    bn = gamma_r.reshape(1, 2, 1, 1) * (y - mu.reshape(1, 2, 1, 1)) / torch.sqrt(
+        var.reshape(1, 2, 1, 1) + 1e-3) + beta_r.reshape(1, 2, 1, 1)
+    torch.testing.assert_close(bn, y)
+
+
+def test_moments_and_train_forward_match_torch_batchnorm() -> None:
+    y = torch.randn(6, 3, 4, 4) * 2 + 1
+    bn = nn.BatchNorm2d(3, momentum=None).train()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 3.0]))
+        ref = bn(y)
+        y2 = torch.randn(6, 3, 4, 4)
+        bn(y2)
+    out = bn_train_forward(y, bn.weight.detach(), bn.bias.detach(), bn.eps)
+    torch.testing.assert_close(out, ref)
+    stats = BNStats(3)
+    stats.update(y)
+    stats.update(y2)
+    mean, var = stats.result()  # cumulative average == BatchNorm(momentum=None)
+    torch.testing.assert_close(mean, bn.running_mean)
+    torch.testing.assert_close(var, bn.running_var)
+    m, v_biased, v_unbiased = batch_moments(torch.tensor([[1.0, 3.0]]).reshape(2, 1))
+    assert m.item() == 2.0 and v_biased.item() == 1.0 and v_unbiased.item() == 2.0
+
+
+def test_refold_formula_by_hand() -> None:
+    w, b, s = refold(torch.tensor([[2.0], [4.0]]), torch.tensor([1.0, 1.0]), torch.tensor([0.5, 1.0]),
+                     gamma_r=torch.tensor([2.0, 1.0]), beta_r=torch.tensor([0.5, 0.0]),
+                     mean=torch.tensor([1.0, 3.0]), var=torch.tensor([4.0, 1.0]), eps=0.0)
+    # f = gamma_r / sqrt(var) = [1, 1]; second: [1.0]
+    assert w.flatten().tolist() == [2.0, 4.0]
+    assert b.tolist() == [0.5, -2.0] and s.tolist() == [0.5, 1.0]
+
+
+def test_statistics_equal_closed_form_and_integer_weights_unchanged() -> None:
+    model, data = _conv_bn(), _data()
+    q = quantize(model, data, Recipe(w_bits=4, a_bits=4, first_last_8bit=False))
+    layer = q[0]
+    codes = layer.w_quant.int_repr(layer.weight)
+    folded = layer.folded_bn
+    # closed form: cumulative average of per-batch mean / unbiased variance of the quantized output
+    with torch.no_grad():
+        outs = [layer(b) for b in data]
+    mean = torch.stack([o.mean((0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.var((0, 2, 3), unbiased=True) for o in outs]).mean(0)
+    gamma_r = torch.sqrt(folded.gamma ** 2 + folded.eps)
+    f = gamma_r / torch.sqrt(var + folded.eps)
+    expected_w = layer.weight.detach() * f.reshape(-1, 1, 1, 1)
+    expected_b = f * (layer.bias.detach() - mean) + folded.beta
+    expected_s = layer.w_quant.scale.detach() * f
+    tune_batchnorm(q, data)
+    torch.testing.assert_close(layer.weight.detach(), expected_w)
+    torch.testing.assert_close(layer.bias.detach(), expected_b)
+    torch.testing.assert_close(layer.w_quant.scale.detach(), expected_s)
+    assert torch.equal(layer.w_quant.int_repr(layer.weight), codes)
+    # the tuned layer's output has the BN's target mean beta_o on the calibration data
+    with torch.no_grad():
+        tuned = torch.cat([layer(b) for b in data]).mean((0, 2, 3))
+    torch.testing.assert_close(tuned, folded.beta, atol=1e-5, rtol=0)
+
+
+def test_undo_restores_bit_exactly(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    q = quantize(tiny, tiny_data, Recipe(w_bits=4, a_bits=4))
+    before = copy.deepcopy(q.state_dict())
+    handle = tune_batchnorm(q, CalibrationData(tiny_data, batch_size=16))
+    assert handle.layers == ["conv1", "dw"]  # fc has no folded BN
+    assert not torch.equal(q.conv1.weight, before["conv1.weight"])
+    handle.undo()
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_step_runs_in_pipeline(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    q = quantize(tiny, tiny_data, Recipe(w_bits=4, a_bits=4).with_steps("bn_tuning"))
+    assert q.report.steps[1]["step"] == "bn_tuning" and q.report.steps[1]["layers"] == 2
+    assert q.report.layers["conv1"]["bn_tuned"] is True
