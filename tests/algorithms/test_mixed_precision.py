@@ -196,3 +196,30 @@ def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
     assert all(m.w_bits == 2 for m in quant_layers(low).values())
     torch.testing.assert_close(q(tiny_data), out0, rtol=0, atol=0)
     assert s.measured_loss(low) > s.measured_loss(q)
+
+
+# ------------------------------------------------------------------ pipelines
+def test_light_and_advanced_presets(tiny: nn.Module, tiny_data) -> None:
+    from ptqkit.sweep import with_mixed_precision
+
+    light = with_mixed_precision(Recipe.preset("light", first_last_8bit=False), compression=0.15)
+    assert [s.name for s in light.steps] == ["mixed_precision", "bn_tuning"]
+    q = ptqkit.quantize(tiny, tiny_data, light)
+    assert [s["step"] for s in q.report.steps][:3] == ["ranges", "mixed_precision", "bn_tuning"]
+    assert q.report.steps[1]["predicted"]["compression"] <= 0.15
+    adv = with_mixed_precision(Recipe.preset("advanced", first_last_8bit=False), compression=0.15,
+                               tuner_options={"iters": 4, "eval_every": 2})
+    qa = ptqkit.quantize(tiny, tiny_data, adv)
+    assert [s["step"] for s in qa.report.steps][:4] == ["ranges", "mixed_precision", "bn_tuning",
+                                                        "bias_tuning"]
+    assert qa.report.steps[1]["predicted"]["compression"] <= 0.15
+
+
+def test_cli_flags_set_the_budget() -> None:
+    from ptqkit.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(["quantize", "m", "--out", "x", "--pipeline", "light",
+                                      "--max-drop", "0.5", "--candidates", "relaxed"])
+    step = recipe_from_args(args).steps[0]
+    assert step.name == "mixed_precision"
+    assert dict(step.options) == {"max_drop": 0.5, "candidates": "relaxed"}
