@@ -245,7 +245,8 @@ def _floats(text: str) -> tuple[float, ...]:
 def add_sweep_parser(sub: Any) -> None:
     """The ``ptqkit sweep`` subcommand (registered by cli.build_parser)."""
     s = sub.add_parser("sweep", help="compression-accuracy curves: greedy, IP, light, advanced")
-    s.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench.SUITES))}")
+    s.add_argument("--suite", required=True,
+                   help=f"one or several (comma-separated) of {', '.join(sorted(bench.SUITES))}")
     s.add_argument("--compressions", default="0.25,0.2,0.16,0.14,0.13,0.12",
                    help="weight compression ratios in (0, 1] (all-8-bit = 0.25)")
     s.add_argument("--methods", default=",".join(SWEEP_METHODS),
@@ -268,13 +269,16 @@ def cmd_sweep(args: Any) -> int:
                       candidates=args.candidates, first_last_8bit=not args.no_first_last_8bit,
                       calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
                       table_dir=args.tables)
-    rows = run_sweep(args.suite, cfg)
+    rows: list[dict[str, Any]] = []
+    for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
+        rows += run_sweep(suite, cfg)
+        if args.json:  # after every suite, so a long sweep keeps what it measured
+            bench.write_json(rows, args.json)
     points = [r for r in rows if not str(r["method"]).startswith("table:")]
     print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
                                         "quant_top1", "delta", "expected_calib_loss",
                                         "measured_calib_loss", "error")))
     if args.json:
-        bench.write_json(rows, args.json)
         print(f"wrote {args.json}")
     if args.plot:
         plot_curves(rows, args.plot)
