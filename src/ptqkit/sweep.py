@@ -166,7 +166,8 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "kl": res["kl"], "compression": sol.predicted["compression"],
         "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
         "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
-        "calib_loss_after_post": session.measured_loss(model), "post": [p["step"] for p in post],
+        "calib_loss_after_post": session.measured_loss(model) if post else measured_ip,
+        "post": [p["step"] for p in post],
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
