@@ -258,6 +258,8 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--calib-size", type=int, default=1000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--data-dir")
+    s.add_argument("--adaquant-iters", type=int, help="AdaQuant steps per (layer, candidate) "
+                   "for the advanced method (default: AdaQuantOptions.iters)")
     s.add_argument("--tables", help="folder for the sensitivity tables (JSON)")
     s.add_argument("--plot", help="write the curve here (PNG)")
     s.add_argument("--json", help="write the rows as JSON here")
@@ -269,7 +271,9 @@ def cmd_sweep(args: Any) -> int:
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                       candidates=args.candidates, first_last_8bit=not args.no_first_last_8bit,
                       calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
-                      table_dir=args.tables)
+                      table_dir=args.tables,
+                      tuner_options={"adaquant": {"iters": args.adaquant_iters}}
+                      if args.adaquant_iters else {})
     rows: list[dict[str, Any]] = []
     for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
         rows += run_sweep(suite, cfg)
