@@ -12,7 +12,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,11 @@ def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_
     mp = MixedPrecisionOptions(candidates=cfg.candidates, compression=0.25)
     options, allowed = allowed_options(list(quant_layers(base)), mp, cfg.first_last_8bit)
     path = Path(cfg.table_dir) / f"{suite.name}-{tuner}.json" if cfg.table_dir else None
+    saved = SensitivityTable.load(path) if path is not None and path.is_file() else None
+    if saved is not None and saved.options == options and saved.layers == list(allowed):
+        session.use_table(saved)  # measured before: re-solve without re-measuring
+        log.info("%s: %s sensitivity table loaded from %s", suite.name, tuner, path)
+        return session
     t0 = time.perf_counter()
     table = session.measure(options, allowed)
     table.meta["seconds"] = time.perf_counter() - t0
@@ -179,8 +184,14 @@ def _delta(res: dict[str, Any]) -> float | None:
     return float(res["top1"] - res["fp32_top1"])
 
 
-def run_sweep(suite_name: str, cfg: SweepConfig) -> list[dict[str, Any]]:
-    """Rows: one per (method, compression), plus one 'table' row per measured sensitivity table."""
+def run_sweep(suite_name: str, cfg: SweepConfig,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Rows: one per (method, compression), plus one 'table' row per measured sensitivity table.
+
+    Compressions are the outer loop (in the order given) so that a sweep cut short still compares
+    every method at the first compressions; a table is measured when a method first needs it.
+    ``on_row`` sees every row as soon as it exists (e.g. to save partial results).
+    """
     if suite_name not in bench.SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(bench.SUITES))}")
     suite = bench.SUITES[suite_name](bench.BenchConfig(first_last_8bit=cfg.first_last_8bit,
@@ -190,16 +201,23 @@ def run_sweep(suite_name: str, cfg: SweepConfig) -> list[dict[str, Any]]:
     base = _base_model(suite, calib, cfg)
     float_out = _float_outputs(base, calib)
     rows: list[dict[str, Any]] = []
-    for tuner in dict.fromkeys(SWEEP_METHODS[m].tuner for m in cfg.methods):
-        session = _session(suite, base, calib, float_out, tuner, cfg)
-        assert session.table is not None
-        rows.append(_table_row(suite.name, tuner, session.table))
-        methods = [m for m in cfg.methods if SWEEP_METHODS[m].tuner == tuner]
-        points = [(m, c) for m in methods for c in cfg.compressions]
-        seen: dict[Any, dict[str, Any]] = {}
-        for m, c in tqdm(points, desc=f"sweep {suite.name} ({tuner})", disable=None):
-            rows.append(_point(suite, session, base, m, c, cfg, seen))
-            log.info("%s %s @%.3f: %s", suite.name, m, c, rows[-1].get("quant_top1"))
+    sessions: dict[str, Session] = {}
+    seen: dict[Any, dict[str, Any]] = {}
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    points = [(c, m) for c in cfg.compressions for m in cfg.methods]
+    for c, m in tqdm(points, desc=f"sweep {suite.name}", disable=None):
+        tuner = SWEEP_METHODS[m].tuner
+        if tuner not in sessions:
+            sessions[tuner] = _session(suite, base, calib, float_out, tuner, cfg)
+            emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
+        emit(_point(suite, sessions[tuner], base, m, c, cfg, seen))
+        log.info("%s %s @%.3f: top-1 %s (float %.2f)", suite.name, m, c,
+                 rows[-1].get("quant_top1"), suite.fp32_top1)
     return rows
 
 
@@ -275,10 +293,14 @@ def cmd_sweep(args: Any) -> int:
                       tuner_options={"adaquant": {"iters": args.adaquant_iters}}
                       if args.adaquant_iters else {})
     rows: list[dict[str, Any]] = []
-    for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
-        rows += run_sweep(suite, cfg)
-        if args.json:  # after every suite, so a long sweep keeps what it measured
+
+    def save(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if args.json:  # after every point, so a long sweep keeps what it measured
             bench.write_json(rows, args.json)
+
+    for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
+        run_sweep(suite, cfg, on_row=save)
     points = [r for r in rows if not str(r["method"]).startswith("table:")]
     print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
                                         "quant_top1", "delta", "expected_calib_loss",
