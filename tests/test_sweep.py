@@ -40,6 +40,16 @@ def test_sweep_rows_and_plot(tiny_suite: str, tmp_path) -> None:
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
+def test_sweep_reuses_saved_table(tiny_suite: str, tmp_path, monkeypatch) -> None:
+    cfg = sweep.SweepConfig(compressions=(0.15,), methods=("ip",), candidates="w8a8,w4a4,w2a2",
+                            first_last_8bit=False, calib_size=64, table_dir=str(tmp_path))
+    first = sweep.run_sweep(tiny_suite, cfg)
+    monkeypatch.setattr(sweep.Session, "measure", lambda *a: pytest.fail("table re-measured"))
+    again = sweep.run_sweep(tiny_suite, cfg)
+    assert again[1]["bits"] == first[1]["bits"]
+    assert again[1]["quant_top1"] == first[1]["quant_top1"]
+
+
 def test_sweep_cli_and_bad_input(tiny_suite: str, tmp_path, capsys) -> None:
     out = tmp_path / "rows.json"
     rc = cli.main(["sweep", "--suite", tiny_suite, "--compressions", "0.2", "--methods", "ip",
