@@ -107,6 +107,8 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "seq-adaquant": lambda c: c.recipe(steps=["adaquant"]),
     "seq-adaquant+bnt": lambda c: c.recipe(steps=["adaquant", "bn_tuning"]),
     "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
+    "light": lambda c: Recipe.preset("light", first_last_8bit=c.first_last_8bit, seed=c.seed),
+    "advanced": lambda c: Recipe.preset("advanced", first_last_8bit=c.first_last_8bit, seed=c.seed),
 }
 
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}

@@ -14,6 +14,7 @@ from . import bench as bench_mod
 from .calib.data import CalibrationData
 from .pipeline import PRESETS, Recipe, quantize
 from .runs import ModelSource, load_run, save_run
+from .sweep import add_sweep_parser, with_mixed_precision
 
 __all__ = ["main", "build_parser"]
 
@@ -34,6 +35,9 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--override", action="append", metavar="NAME=W,A",
                    help="per-layer bits, e.g. layer1.0.conv1=8,8")
     g.add_argument("--seed", type=int)
+    g.add_argument("--compression", type=float, help="mixed precision: weight compression budget")
+    g.add_argument("--max-drop", type=float, help="mixed precision: closed-loop drop budget")
+    g.add_argument("--candidates", help="mixed precision: default, relaxed or w8a8,w4a4,...")
 
 
 def _parse_override(text: str) -> tuple[str, list[int]]:
@@ -67,7 +71,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         d["exclude"] = list(d["exclude"]) + args.exclude
     if args.override:
         d["overrides"] = {**d["overrides"], **dict(_parse_override(o) for o in args.override)}
-    return Recipe.from_dict(d)
+    mp = {k: getattr(args, k) for k in ("compression", "max_drop", "candidates")
+          if getattr(args, k, None) is not None}
+    return with_mixed_precision(Recipe.from_dict(d), **mp) if mp else Recipe.from_dict(d)
 
 
 def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) -> CalibrationData:
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=5, help="seeds per calibration size in the study")
     b.add_argument("--plot", default="calib_study.png", help="where the study writes its plot")
     b.set_defaults(func=cmd_bench)
+    add_sweep_parser(sub)
     return p
 
 

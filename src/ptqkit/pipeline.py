@@ -41,6 +41,11 @@ class StepSpec:
 
 # Presets: extra steps run after range initialisation. Later methods add their presets here.
 PRESETS: dict[str, tuple[StepSpec, ...]] = {"default": ()}
+# Pipelines of Hubara et al. (section 4): light = ranges + IP + BN tuning (no backward pass);
+# advanced = parallel AdaQuant per candidate bit width + IP + BN tuning + bias tuning.
+PRESETS["light"] = (StepSpec("mixed_precision", {"compression": 0.13}), StepSpec("bn_tuning"))
+PRESETS["advanced"] = (StepSpec("mixed_precision", {"compression": 0.13, "tuner": "adaquant"}),
+                       StepSpec("bn_tuning"), StepSpec("bias_tuning"))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import adaquant, bias_tuning, bn_tuning, range_init  # noqa: F401
+from . import adaquant, bias_tuning, bn_tuning, mixed_precision, range_init  # noqa: F401
 from .base import STEPS, Context, Report, Step, register_step
 
 __all__ = ["STEPS", "Context", "Report", "Step", "register_step"]

@@ -1,0 +1,354 @@
+"""Mixed precision: sensitivity table -> integer program (or greedy baseline) -> stitched model.
+
+Section 3.2 and appendix D.2 of Hubara et al. The table (``sensitivity.py``) holds the loss
+increase of every (layer, option) measured with only that layer lowered; the bit allocation
+(``ip.py``) picks one option per layer under a size / BOPs budget (min sum dL) or a loss budget
+(max gain, eq. 5). The chosen per-layer states (ranges for those bits, or AdaQuant results for
+those bits in the advanced pipeline) are stitched into the model. With ``max_drop`` the choice is
+checked on the real model and the loss budget tightened while the measured drop exceeds it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calib.data import CalibrationData
+from ..nn.modules import QuantModule, quant_layers
+from ..ranges import get_range_method
+from .base import Context, Step, register_step
+from .ip import SOLVERS, Budget, InfeasibleBudgetError, Option, SensitivityTable, Solution, candidate_options
+from .sensitivity import (
+    LayerState,
+    OptionTuner,
+    SuffixRunner,
+    TableRequest,
+    calib_loss,
+    measure_table,
+    restore,
+    snapshot,
+)
+
+__all__ = ["MixedPrecisionOptions", "MixedPrecision", "Session", "range_tuner", "TUNERS",
+           "closed_loop"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MixedPrecisionOptions:
+    """candidates: 'default' {(8,8),(4,4)}, 'relaxed' (2..8 x 2..8) or 'w8a8,w4a4,...'.
+    Budget: exactly one of compression / bops (ratios to float, in (0, 1]), loss_budget (eq. 5:
+    maximise the ``gain`` subject to the predicted loss increase), or max_drop (closed loop; top-1
+    points on labelled calibration data, else calibration-loss units). pin_first_last: None
+    follows the recipe's first/last 8-bit policy; fixed: layer patterns pinned to (w, a).
+    tuner: how each candidate's layer state is made ('ranges', or 'adaquant' = parallel
+    AdaQuant per bit width, with ``tuner_options`` passed to AdaQuantOptions).
+    load_table / save_table: JSON path of the sensitivity table."""
+
+    candidates: str = "default"
+    method: str = "ip"
+    compression: float | None = None
+    bops: float | None = None
+    loss_budget: float | None = None
+    max_drop: float | None = None
+    max_rounds: int = 4
+    gain: str = "compression"
+    loss: str = "auto"
+    pin_first_last: bool | None = None
+    fixed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    tuner: str = "ranges"
+    tuner_options: Mapping[str, Any] = field(default_factory=dict)
+    load_table: str | None = None
+    save_table: str | None = None
+
+    def __post_init__(self) -> None:
+        candidate_options(self.candidates)
+        self.budget()
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(SOLVERS)}")
+        if self.gain not in ("compression", "bops"):
+            raise ValueError(f"gain must be 'compression' or 'bops', got {self.gain!r}")
+        if self.loss not in ("auto", "kl", "ce"):
+            raise ValueError(f"loss must be 'auto', 'kl' or 'ce', got {self.loss!r}")
+        if self.tuner not in TUNERS:
+            raise ValueError(f"unknown tuner {self.tuner!r}; expected one of {sorted(TUNERS)}")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        for name, bits in self.fixed.items():
+            if len(bits) != 2:
+                raise ValueError(f"fixed bits for {name!r} must be (w_bits, a_bits), got {bits!r}")
+            candidate_options([bits])
+
+    def budget(self) -> Budget:
+        given = {k: v for k, v in (("compression", self.compression), ("bops", self.bops),
+                                   ("loss", self.loss_budget)) if v is not None}
+        if self.max_drop is not None:
+            if self.max_drop <= 0:
+                raise ValueError(f"max_drop must be > 0, got {self.max_drop}")
+            if "compression" in given or "bops" in given:
+                raise ValueError("max_drop bounds the loss: combine it with loss_budget (a start "
+                                 "value) or nothing, not with a compression or BOPs budget")
+            return Budget("loss", given.get("loss", self.max_drop))
+        if len(given) != 1:
+            raise ValueError("give exactly one budget: compression=0.13, bops=..., loss_budget=... "
+                             f"or max_drop=...; got {sorted(given) or 'none'}")
+        kind, value = next(iter(given.items()))
+        return Budget(kind, float(value))
+
+
+# ----------------------------------------------------------------------------- tuners
+def _act_sample(inputs: list[torch.Tensor], max_samples: int, seed: int) -> torch.Tensor:
+    x = torch.cat([t.reshape(-1) for t in inputs]).float()
+    if x.numel() <= max_samples:
+        return x
+    idx = torch.randint(0, x.numel(), (max_samples,), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([x[idx], x.min().reshape(1), x.max().reshape(1)])
+
+
+def range_tuner(w_range: str = "mse", a_range: str = "mse", percentile: float = 99.99,
+                max_samples: int = 1 << 18, seed: int = 0) -> OptionTuner:
+    """Tuner that sets the layer's bits and re-derives both ranges for them (weights per channel,
+    the input per tensor from its float values); results are cached per (layer, bits)."""
+    cache: dict[tuple[int, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    samples: dict[int, torch.Tensor] = {}
+
+    def opt(method: str) -> dict[str, float]:
+        return {"percentile": percentile} if method == "percentile" else {}
+
+    @torch.no_grad()
+    def tune(layer: QuantModule, option: Option, inputs: list[torch.Tensor]) -> None:
+        layer.w_quant.set_spec(layer.w_quant.spec.with_bits(option[0]))
+        layer.a_quant.set_spec(layer.a_quant.spec.with_bits(option[1]))
+        key_w, key_a = (id(layer), "w", option[0]), (id(layer), "a", option[1])
+        if key_w not in cache:
+            w = layer.weight.detach().reshape(layer.out_channels, -1)
+            cache[key_w] = get_range_method(w_range)(w, layer.w_quant.spec, **opt(w_range))
+        if key_a not in cache:
+            if id(layer) not in samples:
+                samples[id(layer)] = _act_sample(inputs, max_samples, seed).reshape(1, -1)
+            x = samples[id(layer)]
+            cache[key_a] = get_range_method(a_range)(x, layer.a_quant.spec, **opt(a_range))
+        layer.w_quant.set_range(*cache[key_w])
+        layer.a_quant.set_range(*cache[key_a])
+
+    return tune
+
+
+def _adaquant_tuner(recipe: Mapping[str, Any], seed: int, options: Mapping[str, Any]) -> OptionTuner:
+    """Parallel AdaQuant per candidate (section 3.1): ranges for the option's bits, then AdaQuant
+    on float inputs against the float layer output, so results for any bits can be stitched."""
+    from .adaquant import AdaQuantOptions, adaquant_layer
+
+    base = _range_tuner(recipe, seed, {})
+    opts = AdaQuantOptions(**{**dict(options), "mode": "parallel"})
+
+    def tune(layer: QuantModule, option: Option, inputs: list[torch.Tensor]) -> None:
+        base(layer, option, inputs)
+        with torch.no_grad():
+            pairs = [(x, layer.op(x, layer.weight, layer.bias)) for x in inputs]
+        adaquant_layer(layer, pairs, options=opts, generator=torch.Generator().manual_seed(seed))
+
+    return tune
+
+
+def _range_tuner(recipe: Mapping[str, Any], seed: int, options: Mapping[str, Any]) -> OptionTuner:
+    return range_tuner(recipe.get("w_range", "mse"), recipe.get("a_range", "mse"),
+                       recipe.get("percentile", 99.99), seed=seed)
+
+
+# name -> factory(recipe dict, seed, tuner_options) -> OptionTuner
+TUNERS: dict[str, Callable[[Mapping[str, Any], int, Mapping[str, Any]], OptionTuner]] = {
+    "ranges": _range_tuner,
+    "adaquant": _adaquant_tuner,
+}
+
+
+# ----------------------------------------------------------------------------- session
+def allowed_options(layers: list[str], opts: MixedPrecisionOptions,
+                    pin_first_last: bool) -> tuple[list[Option], dict[str, list[Option]]]:
+    """Candidate options per layer: pinned layers (fixed patterns, first/last) get one."""
+    unknown = [p for p in opts.fixed if not any(fnmatch.fnmatchcase(n, p) for n in layers)]
+    if unknown:
+        raise ValueError(f"fixed bits name no quantized layer: {unknown}; quantized layers are: "
+                         f"{', '.join(layers)}")
+    cands = candidate_options(opts.candidates)
+    allowed = {n: list(cands) for n in layers}
+    if pin_first_last and layers:
+        for n in {layers[0], layers[-1]}:
+            allowed[n] = [(8, 8)]
+    for pattern, bits in opts.fixed.items():
+        for n in layers:
+            if fnmatch.fnmatchcase(n, pattern):
+                allowed[n] = [(int(bits[0]), int(bits[1]))]
+    options = list(dict.fromkeys(cands + [o for v in allowed.values() for o in v]))
+    return options, allowed
+
+
+class Session:
+    """A model with its measured table and per-(layer, option) states, ready to solve many budgets
+    (the sweep reuses one session across compressions)."""
+
+    def __init__(self, model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
+                 loss: str, tuner: OptionTuner) -> None:
+        self.model, self.calib, self.float_out, self.tuner = model, calib, float_out, tuner
+        self.loss = ("ce" if calib.has_labels else "kl") if loss == "auto" else loss
+        if self.loss == "ce" and not calib.has_labels:
+            raise ValueError("loss='ce' needs labelled calibration batches (inputs, labels); "
+                             "use loss='kl' (label-free) instead")
+        self.table: SensitivityTable | None = None
+        self.states: dict[tuple[str, Option], LayerState] = {}
+        self.originals = {n: snapshot(m) for n, m in quant_layers(model).items()}
+
+    def measure(self, options: list[Option], allowed: dict[str, list[Option]]) -> SensitivityTable:
+        request = TableRequest(options, allowed, self.loss, self.tuner)
+        self.table, self.states = measure_table(self.model, self.calib, self.float_out, request)
+        return self.table
+
+    def use_table(self, table: SensitivityTable) -> None:
+        layers = list(quant_layers(self.model))
+        if table.layers != layers:
+            raise ValueError(f"the sensitivity table is for layers {table.layers[:3]}..., this model "
+                             f"has {layers[:3]}...; measure the table again for this model")
+        self.table, self.states = table, {}
+
+    def solve(self, budget: Budget, method: str = "ip") -> Solution:
+        if self.table is None:
+            raise RuntimeError("measure() or use_table() first")
+        return SOLVERS[method](self.table, budget)
+
+    def apply(self, solution: Solution, model: nn.Module | None = None) -> nn.Module:
+        """Stitch the chosen per-layer states into ``model`` (default: the session's model)."""
+        model = self.model if model is None else model
+        if self.table is None:
+            raise RuntimeError("measure() or use_table() first")
+        bits = solution.bits(self.table)
+        runner: SuffixRunner | None = None
+        for name, option in bits.items():
+            if (name, option) not in self.states:  # table loaded from disk: tune this one now
+                runner = runner or SuffixRunner(self.model, self.calib)
+                self.states[(name, option)] = self._tune(runner, name, option)
+        layers = quant_layers(model)
+        for name, option in bits.items():
+            restore(layers[name], self.originals[name])
+            restore(layers[name], self.states[(name, option)])
+        return model
+
+    @torch.no_grad()
+    def _tune(self, runner: SuffixRunner, name: str, option: Option) -> LayerState:
+        layer = quant_layers(self.model)[name]
+        inputs = runner.inputs(name, runner.cache(name))
+        restore(layer, self.originals[name])
+        try:
+            with torch.enable_grad():
+                self.tuner(layer, option, inputs)
+            return snapshot(layer, self.originals[name].tensors)
+        finally:
+            restore(layer, self.originals[name])
+
+    @torch.no_grad()
+    def measured_loss(self, model: nn.Module) -> float:
+        outs = (self.calib.forward(model, b) for b in self.calib)
+        return calib_loss(self.calib, self.float_out, outs, self.loss)
+
+    @torch.no_grad()
+    def drop(self, model: nn.Module) -> float:
+        """Closed-loop metric: top-1 points lost on labelled calibration data, else the loss."""
+        if not self.calib.has_labels:
+            return self.measured_loss(model)
+        hits_f = hits_q = 0
+        for b, ref in zip(self.calib, self.float_out):
+            y = _labels(self.calib, b)
+            hits_f += int((ref.argmax(-1) == y).sum())
+            hits_q += int((self.calib.forward(model, b).argmax(-1) == y).sum())
+        return 100.0 * (hits_f - hits_q) / self.calib.num_samples
+
+
+def _labels(calib: CalibrationData, batch: Any) -> torch.Tensor:
+    y = calib.labels(batch)
+    if y is None:
+        raise ValueError("this calibration batch has no labels; use the label-free loss 'kl'")
+    return y
+
+
+def closed_loop(session: Session, max_drop: float, start: Budget, method: str = "ip",
+                max_rounds: int = 4) -> tuple[Solution, list[dict[str, Any]]]:
+    """Solve eq. 5 with a loss budget, apply, measure the real drop; while it exceeds
+    ``max_drop`` (additivity failed), shrink the loss budget by the observed over-shoot and
+    re-solve. Returns the last solution applied and one record per round."""
+    budget, rounds = start, []
+    assert session.table is not None
+    for r in range(max_rounds):
+        try:
+            sol = session.solve(budget, method)
+        except InfeasibleBudgetError as err:
+            sol = session.solve(Budget("loss", err.smallest), method)
+        session.apply(sol)
+        measured = session.drop(session.model)
+        rounds.append({"round": r, "loss_budget": budget.value, "predicted_loss": sol.predicted["loss"],
+                       "measured_drop": measured, "compression": sol.predicted["compression"]})
+        log.info("closed loop round %d: budget %.4g, predicted %.4g, measured drop %.4g", r,
+                 budget.value, sol.predicted["loss"], measured)
+        if measured <= max_drop or budget.value <= session.table.extreme("loss"):
+            break
+        shrink = min(0.9, max(0.1, max_drop / max(measured, 1e-12)))
+        budget = Budget("loss", max(session.table.extreme("loss"), sol.predicted["loss"] * shrink))
+    return sol, rounds
+
+
+# ----------------------------------------------------------------------------- the step
+@register_step
+class MixedPrecision(Step):
+    """Sensitivity table, bit allocation, stitching; reports expected vs measured degradation."""
+
+    name = "mixed_precision"
+    Options = MixedPrecisionOptions
+
+    def run(self, ctx: Context) -> dict[str, Any]:
+        o: MixedPrecisionOptions = self.options
+        t0 = time.perf_counter()
+        recipe = ctx.report.recipe
+        pin = recipe.get("first_last_8bit", True) if o.pin_first_last is None else o.pin_first_last
+        session = Session(ctx.qmodel, ctx.calib, ctx.float_outputs(), o.loss,
+                          TUNERS[o.tuner](recipe, ctx.seed, o.tuner_options))
+        options, allowed = allowed_options(list(ctx.layers()), o, bool(pin))
+        if o.load_table:
+            session.use_table(SensitivityTable.load(o.load_table))
+        else:
+            session.measure(options, allowed)
+        assert session.table is not None
+        session.table.meta["gain"] = o.gain
+        if o.save_table:
+            session.table.save(o.save_table)
+        t_table = time.perf_counter() - t0
+        rounds: list[dict[str, Any]] = []
+        if o.max_drop is not None:
+            sol, rounds = closed_loop(session, o.max_drop, o.budget(), o.method, o.max_rounds)
+        else:
+            sol = session.solve(o.budget(), o.method)
+            session.apply(sol)
+        return self._summary(session, sol, rounds, ctx, t_table)
+
+    def _summary(self, session: Session, sol: Solution, rounds: list[dict[str, Any]],
+                 ctx: Context, t_table: float) -> dict[str, Any]:
+        assert session.table is not None
+        bits = sol.bits(session.table)
+        for i, name in enumerate(bits):
+            ctx.report.layer(name)["mp_dL"] = float(session.table.loss[i, sol.choice[i]])
+        measured = session.measured_loss(ctx.qmodel)
+        ctx.report.notes.append(
+            f"mixed precision ({sol.method}, {sol.status}): {sol.budget.kind} budget "
+            f"{sol.budget.value:.4g}; compression {sol.predicted['compression']:.4f}; "
+            f"expected {session.loss} increase {sol.predicted['loss']:.4g}, measured {measured:.4g}")
+        return {"method": sol.method, "status": sol.status, "budget": vars(sol.budget),
+                "predicted": sol.predicted, "measured_loss": measured, "loss": session.loss,
+                "bits": {n: f"w{w}a{a}" for n, (w, a) in bits.items()}, "rounds": rounds,
+                "solve_seconds": sol.seconds, "table_seconds": t_table,
+                "table": session.table.to_dict()}

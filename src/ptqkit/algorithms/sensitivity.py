@@ -1,0 +1,250 @@
+"""Measuring the sensitivity table: loss increase with only one layer lowered (appendix D.2).
+
+For every layer the float prefix runs once (torch.fx splits the traced graph at the layer; the
+values the rest of the network needs are cached), then each candidate option runs only the
+suffix. Models torch.fx cannot trace fall back to one full forward pass per (layer, option).
+All other layers stay float while one is measured, so the cached prefix is exact and
+``loss[l, o]`` is the loss increase over the float model (KL to its logits, or the CE increase).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ..calib.capture import record_io
+from ..calib.data import CalibrationData, default_forward
+from ..calib.loss import kl_to_float
+from ..nn.control import only_enabled, quantizers_disabled
+from ..nn.modules import QuantModule
+from .ip import Option, SensitivityTable
+
+__all__ = ["SuffixRunner", "LayerState", "snapshot", "restore", "OptionTuner", "calib_loss",
+           "measure_table", "TableRequest"]
+
+log = logging.getLogger(__name__)
+Frontier = list[dict[Any, torch.Tensor]]
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QuantModule) or super().is_leaf_module(m, qualname)
+
+
+class SuffixRunner:
+    """Run a model from one quantized layer onwards, with the float prefix cached.
+
+    ``cache(layer)`` -> per batch, the values (fx nodes -> tensors) computed before ``layer`` and
+    used from it on; ``run(layer, frontier)`` -> per-batch outputs of the model. ``inputs(...)``
+    gives the layer's own (float) input per batch, e.g. for activation ranges or AdaQuant.
+    """
+
+    def __init__(self, model: nn.Module, calib: CalibrationData) -> None:
+        self.model, self.calib = model, calib
+        self.graph: fx.GraphModule | None = None
+        try:
+            if calib.forward_fn is not default_forward or isinstance(calib.batches[0], dict):
+                raise TypeError("custom forward_fn or dict batches")
+            self.graph = fx.GraphModule(model, _LeafTracer().trace(model))
+        except Exception as exc:  # fx raises many types; any failure means: run full passes
+            log.info("sensitivity: no fx split (%s); one full pass per (layer, option)",
+                     str(exc).split("\n")[0])
+            return
+        self.nodes = list(self.graph.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((self.index[u] for u in n.users), default=i)
+                         for i, n in enumerate(self.nodes)}
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        calls: dict[str, list[fx.Node]] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                calls.setdefault(str(n.target), []).append(n)
+        self.layer_node = {k: v[0] for k, v in calls.items() if len(v) == 1}
+        if len(self.placeholders) != 1:
+            self.graph = None
+
+    def _split(self, layer: str) -> fx.Node | None:
+        return self.layer_node.get(layer) if self.graph is not None else None
+
+    def _execute(self, start: int, stop: int, env: dict[Any, Any]) -> None:
+        interp = fx.Interpreter(self.graph)  # type: ignore[arg-type]
+        interp.env = env
+        for i in range(start, stop):
+            node = self.nodes[i]
+            if node.op == "placeholder":
+                continue
+            env[node] = interp.run_node(node)
+            for arg in node.all_input_nodes:
+                if self.last_use[arg] <= i and arg in env and node.op != "output":
+                    del env[arg]
+
+    @torch.no_grad()
+    def cache(self, layer: str) -> Frontier:
+        node = self._split(layer)
+        if node is None:
+            return [{"batch": b} for b in self.calib]
+        p = self.index[node]
+        frontier = [n for n in self.nodes[:p] if self.last_use[n] >= p]
+        out = []
+        with quantizers_disabled(self.model):
+            for b in self.calib:
+                env: dict[Any, Any] = {self.placeholders[0]: _input_of(b)}
+                self._execute(0, p, env)
+                out.append({n: env[n] for n in frontier})
+        return out
+
+    @torch.no_grad()
+    def run(self, layer: str, frontier: Frontier) -> Iterator[torch.Tensor]:
+        node = self._split(layer)
+        for values in frontier:
+            if node is None:
+                yield self.calib.forward(self.model, values["batch"])
+                continue
+            env = dict(values)
+            self._execute(self.index[node], len(self.nodes), env)
+            yield env[self.nodes[-1]]
+
+    @torch.no_grad()
+    def inputs(self, layer: str, frontier: Frontier) -> list[torch.Tensor]:
+        """The layer's float input for every batch."""
+        node = self._split(layer)
+        if node is not None:
+            return [values[node.args[0]] for values in frontier]  # type: ignore[index]
+        mod = self.model.get_submodule(layer)
+        with quantizers_disabled(self.model), record_io({layer: mod}) as store:
+            for values in frontier:
+                self.calib.forward(self.model, values["batch"])
+        return store.get(layer, [])
+
+
+def _input_of(batch: Any) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def calib_loss(calib: CalibrationData, float_out: list[torch.Tensor],
+               outputs: Iterator[torch.Tensor], kind: str) -> float:
+    """Loss of the outputs on the calibration set relative to the float model: mean KL(float ||
+    quant) ('kl'), or cross-entropy minus the float model's cross-entropy ('ce', needs labels)."""
+    total, count = 0.0, 0
+    for batch, ref, out in zip(calib, float_out, outputs):
+        n = out.shape[0]
+        if kind == "kl":
+            total += float(kl_to_float(ref, out)) * n
+        else:
+            y = calib.labels(batch)
+            if y is None:
+                raise ValueError("loss 'ce' needs labelled calibration batches; use 'kl'")
+            total += float(F.cross_entropy(out.float(), y) - F.cross_entropy(ref.float(), y)) * n
+        count += n
+    return total / count
+
+
+@dataclass
+class LayerState:
+    """A layer's bits and the tensors an option set (quantizer parameters; weight and bias only
+    when the option's tuner changed them)."""
+
+    option: Option
+    tensors: dict[str, torch.Tensor]
+
+
+def snapshot(layer: QuantModule, base: dict[str, torch.Tensor] | None = None) -> LayerState:
+    """Copy of the layer state; with ``base``, a weight or bias equal to it is not copied again
+    (quantizer tensors always are: set_spec in restore() resets ``initialized``)."""
+    keep = {}
+    for k, v in layer.state_dict().items():
+        if base is None or k not in ("weight", "bias") or k not in base or not torch.equal(base[k], v):
+            keep[k] = v.detach().clone()
+    return LayerState((layer.w_bits, layer.a_bits), keep)
+
+
+@torch.no_grad()
+def restore(layer: QuantModule, state: LayerState) -> None:
+    """Put a snapshot back: bits first (set_spec resets ``initialized``), then the tensors."""
+    layer.w_quant.set_spec(layer.w_quant.spec.with_bits(state.option[0]))
+    layer.a_quant.set_spec(layer.a_quant.spec.with_bits(state.option[1]))
+    own = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    for k, v in state.tensors.items():
+        if k == "bias" and layer.bias is None:
+            layer.ensure_bias()
+            own["bias"] = layer.bias  # type: ignore[assignment]
+        own[k].copy_(v)
+
+
+# tuner(layer, option, inputs): put the layer in its state for ``option`` given its float inputs
+# (one tensor per calibration batch); e.g. set ranges for these bits, or run AdaQuant.
+OptionTuner = Callable[[QuantModule, Option, list[torch.Tensor]], None]
+
+
+@dataclass
+class TableRequest:
+    """What to measure: options per layer (pinned layers get one), loss kind, the tuner."""
+
+    options: list[Option]
+    allowed: dict[str, list[Option]]
+    loss: str
+    tuner: OptionTuner
+    keep_states: bool = True
+
+
+@contextmanager
+def _layer_restored(layer: QuantModule) -> Iterator[LayerState]:
+    orig = snapshot(layer)
+    try:
+        yield orig
+    finally:
+        restore(layer, orig)
+
+
+def measure_table(model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
+                  request: TableRequest) -> tuple[SensitivityTable, dict[tuple[str, Option], LayerState]]:
+    """One suffix pass per (layer, option); every layer is restored afterwards.
+
+    Returns the table (loss increase, params, MACs per sample) and the tuned layer state per
+    (layer, option), for stitching the chosen configuration without tuning again.
+    """
+    layers = {n: m for n, m in model.named_modules() if n in request.allowed}
+    runner = SuffixRunner(model, calib)
+    loss = np.zeros((len(layers), len(request.options)))
+    states: dict[tuple[str, Option], LayerState] = {}
+    bar = tqdm(total=sum(len(v) for v in request.allowed.values()), desc="sensitivity",
+               disable=None, leave=False)
+    for i, (name, layer) in enumerate(layers.items()):
+        frontier = runner.cache(name)
+        inputs = runner.inputs(name, frontier)
+        with _layer_restored(layer) as orig, only_enabled(model, [name]):
+            for opt in request.allowed[name]:
+                request.tuner(layer, opt, inputs)
+                if request.keep_states:
+                    states[(name, opt)] = snapshot(layer, orig.tensors)
+                out = runner.run(name, frontier)
+                loss[i, request.options.index(opt)] = calib_loss(calib, float_out, out, request.loss)
+                restore(layer, orig)
+                bar.update(1)
+        del frontier, inputs
+    bar.close()
+    allowed = np.array([[o in request.allowed[n] for o in request.options] for n in layers])
+    params = [m.weight.numel() for m in layers.values()]
+    table = SensitivityTable(list(layers), list(request.options), loss, np.array(params),
+                             np.array(_macs(model, layers, calib)), allowed,
+                             {"loss": request.loss, "calib_samples": calib.num_samples})
+    return table, states
+
+
+@torch.no_grad()
+def _macs(model: nn.Module, layers: dict[str, QuantModule], calib: CalibrationData) -> list[int]:
+    batch = calib.batches[0]
+    mods: dict[str, nn.Module] = dict(layers)
+    with quantizers_disabled(model), record_io(mods, inputs=False, outputs=True) as store:
+        calib.forward(model, batch)
+    return [sum(layers[n].macs_per_sample(o.shape) for o in store.get(n + ":out", []))
+            for n in layers]

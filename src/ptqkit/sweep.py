@@ -1,0 +1,313 @@
+"""Compression-accuracy curves (Fig. 3 of Hubara et al.) for the zoo suites.
+
+For one suite the sensitivity table is measured once per kind of per-layer state ('ranges' for
+greedy-accuracy / greedy-compression / ip / light, 'adaquant' for advanced) and reused for every
+compression: each (method, compression) point only solves, stitches a copy of the model, runs the
+method's global steps (BN tuning, bias tuning) and evaluates on the test split.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import bench
+from .algorithms import STEPS
+from .algorithms.base import Context, Report, options_from_dict
+from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable
+from .algorithms.mixed_precision import TUNERS, MixedPrecisionOptions, Session, allowed_options
+from .calib.data import CalibrationData
+from .evaluate import compression_ratio
+from .nn.modules import quant_layers
+from .pipeline import Recipe, StepSpec, quantize
+
+__all__ = ["SweepMethod", "SWEEP_METHODS", "SweepConfig", "run_sweep", "plot_curves",
+           "with_mixed_precision"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepMethod:
+    """tuner: per-layer state of each candidate; solver: ip / greedy-*; post: global steps."""
+
+    tuner: str
+    solver: str
+    post: tuple[str, ...] = ()
+
+
+SWEEP_METHODS: dict[str, SweepMethod] = {
+    "greedy-accuracy": SweepMethod("ranges", "greedy-accuracy"),
+    "greedy-compression": SweepMethod("ranges", "greedy-compression"),
+    "ip": SweepMethod("ranges", "ip"),
+    "light": SweepMethod("ranges", "ip", ("bn_tuning",)),
+    "advanced": SweepMethod("adaquant", "ip", ("bn_tuning", "bias_tuning")),
+}
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """candidates: the options every layer may take (see ip.candidate_options); the first and
+    last layers stay at w8a8 unless first_last_8bit is False."""
+
+    compressions: tuple[float, ...] = (0.25, 0.2, 0.16, 0.14, 0.13, 0.12)
+    methods: tuple[str, ...] = tuple(SWEEP_METHODS)
+    candidates: str = "w8a8,w4a4,w3a3,w2a2"
+    first_last_8bit: bool = True
+    calib_size: int = 1000
+    seed: int = 0
+    data_dir: str | None = None
+    tuner_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    table_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in SWEEP_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown sweep method(s) {unknown or 'none given'}; expected any of "
+                             f"{', '.join(SWEEP_METHODS)}")
+        if not self.compressions:
+            raise ValueError("give at least one compression, e.g. --compressions 0.25,0.13")
+        for c in self.compressions:
+            Budget("compression", c)
+        MixedPrecisionOptions(candidates=self.candidates, compression=0.25)
+
+
+def with_mixed_precision(recipe: Recipe, **options: Any) -> Recipe:
+    """The recipe with its mixed_precision step options updated (e.g. compression=0.13);
+    a budget given here replaces the preset's budget."""
+    budgets = {"compression", "bops", "loss_budget", "max_drop"}
+    steps, found = [], False
+    for s in recipe.steps:
+        if s.name == "mixed_precision":
+            found = True
+            base = dict(s.options)
+            if budgets & set(options):
+                base = {k: v for k, v in base.items() if k not in budgets}
+            s = StepSpec(s.name, {**base, **options})
+        steps.append(s)
+    if not found:
+        raise ValueError("the recipe has no mixed_precision step; use --pipeline light or advanced")
+    return dataclasses.replace(recipe, steps=tuple(steps))
+
+
+def _base_model(suite: bench.Suite, calib: CalibrationData, cfg: SweepConfig) -> nn.Module:
+    recipe = Recipe(w_bits=8, a_bits=8, first_last_8bit=cfg.first_last_8bit, seed=cfg.seed)
+    return quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
+
+
+@torch.no_grad()
+def _float_outputs(model: nn.Module, calib: CalibrationData) -> list[torch.Tensor]:
+    from .nn.control import quantizers_disabled
+
+    with quantizers_disabled(model):
+        return [calib.forward(model, b) for b in calib]
+
+
+def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
+             tuner: str, cfg: SweepConfig) -> Session:
+    recipe = base.report.recipe  # type: ignore[union-attr, operator]
+    factory = TUNERS[tuner]
+    session = Session(base, calib, float_out, "auto",
+                      factory(recipe, cfg.seed, dict(cfg.tuner_options.get(tuner, {}))))
+    mp = MixedPrecisionOptions(candidates=cfg.candidates, compression=0.25)
+    options, allowed = allowed_options(list(quant_layers(base)), mp, cfg.first_last_8bit)
+    path = Path(cfg.table_dir) / f"{suite.name}-{tuner}.json" if cfg.table_dir else None
+    saved = SensitivityTable.load(path) if path is not None and path.is_file() else None
+    if saved is not None and saved.options == options and saved.layers == list(allowed):
+        session.use_table(saved)  # measured before: re-solve without re-measuring
+        log.info("%s: %s sensitivity table loaded from %s", suite.name, tuner, path)
+        return session
+    t0 = time.perf_counter()
+    table = session.measure(options, allowed)
+    table.meta["seconds"] = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table.save(path)
+    log.info("%s: %s sensitivity table in %.1fs", suite.name, tuner, table.meta["seconds"])
+    return session
+
+
+def _post_steps(model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
+                steps: Sequence[str], seed: int) -> list[dict[str, Any]]:
+    ctx = Context(model, calib, Report(), seed, {"float_outputs": float_out})
+    out = []
+    for name in steps:
+        step = STEPS[name](options_from_dict(STEPS[name], {}))
+        out.append({"step": name, **step.run(ctx)})
+    return out
+
+
+def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c: float,
+           cfg: SweepConfig, seen: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    m = SWEEP_METHODS[method]
+    row: dict[str, Any] = {"suite": suite.name, "method": method, "budget": c,
+                           "candidates": cfg.candidates, "fp32_top1": suite.fp32_top1}
+    t0 = time.perf_counter()
+    try:
+        sol = session.solve(Budget("compression", c), m.solver)
+    except InfeasibleBudgetError as err:
+        return {**row, "error": str(err), "smallest_feasible": err.smallest}
+    key = (tuple(sol.choice), m.tuner, m.post)
+    if key in seen:  # same configuration as an earlier point (e.g. all-8-bit): same numbers
+        return {**seen[key], **row, "status": sol.status, "same_as": seen[key]["method"],
+                "seconds": 0.0}
+    model = session.apply(sol, copy.deepcopy(base))
+    expected, measured_ip = sol.predicted["loss"], session.measured_loss(model)
+    post = _post_steps(model, session.calib, session.float_out, m.post, cfg.seed)
+    res = suite.evaluate(model)
+    assert session.table is not None
+    seen[key] = {
+        **row, "quant_top1": res.get("top1"), "delta": _delta(res), "agreement": res["agreement"],
+        "kl": res["kl"], "compression": sol.predicted["compression"],
+        "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
+        "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
+        "calib_loss_after_post": session.measured_loss(model) if post else measured_ip,
+        "post": [p["step"] for p in post],
+        "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
+        "seconds": time.perf_counter() - t0}
+    return seen[key]
+
+
+def _delta(res: dict[str, Any]) -> float | None:
+    if res.get("top1") is None or res.get("fp32_top1") is None:
+        return None
+    return float(res["top1"] - res["fp32_top1"])
+
+
+def run_sweep(suite_name: str, cfg: SweepConfig,
+              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Rows: one per (method, compression), plus one 'table' row per measured sensitivity table.
+
+    Compressions are the outer loop (in the order given) so that a sweep cut short still compares
+    every method at the first compressions; a table is measured when a method first needs it.
+    ``on_row`` sees every row as soon as it exists (e.g. to save partial results).
+    """
+    if suite_name not in bench.SUITES:
+        raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(bench.SUITES))}")
+    suite = bench.SUITES[suite_name](bench.BenchConfig(first_last_8bit=cfg.first_last_8bit,
+                                                       calib_size=cfg.calib_size, seed=cfg.seed,
+                                                       data_dir=cfg.data_dir))
+    calib = suite.calib(cfg.calib_size, cfg.seed)
+    base = _base_model(suite, calib, cfg)
+    float_out = _float_outputs(base, calib)
+    rows: list[dict[str, Any]] = []
+    sessions: dict[str, Session] = {}
+    seen: dict[Any, dict[str, Any]] = {}
+
+    def emit(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    points = [(c, m) for c in cfg.compressions for m in cfg.methods]
+    for c, m in tqdm(points, desc=f"sweep {suite.name}", disable=None):
+        tuner = SWEEP_METHODS[m].tuner
+        if tuner not in sessions:
+            sessions[tuner] = _session(suite, base, calib, float_out, tuner, cfg)
+            emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
+        emit(_point(suite, sessions[tuner], base, m, c, cfg, seen))
+        log.info("%s %s @%.3f: top-1 %s (float %.2f)", suite.name, m, c,
+                 rows[-1].get("quant_top1"), suite.fp32_top1)
+    return rows
+
+
+def _table_row(suite: str, tuner: str, table: SensitivityTable) -> dict[str, Any]:
+    return {"suite": suite, "method": f"table:{tuner}", "layers": len(table.layers),
+            "options": [f"w{w}a{a}" for w, a in table.options], "seconds": table.meta.get("seconds"),
+            "min_compression": table.extreme("compression"), "table": table.to_dict()}
+
+
+def plot_curves(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Top-1 against compression, one line per (suite, method), the float top-1 dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [r for r in rows if r.get("quant_top1") is not None]
+    suites = list(dict.fromkeys(r["suite"] for r in points))
+    fig, axes = plt.subplots(1, max(1, len(suites)), figsize=(6 * max(1, len(suites)), 4.5),
+                             squeeze=False)
+    for ax, suite in zip(axes[0], suites):
+        mine = [r for r in points if r["suite"] == suite]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            pts = sorted((r["compression"], r["quant_top1"]) for r in mine if r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(mine[0]["fp32_top1"], color="k", ls="--", lw=1, label="float")
+        ax.set(title=suite, xlabel="compression (weight bits / 32)", ylabel="top-1 (%)")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--compressions {text!r}: expected numbers like 0.25,0.13") from None
+
+
+def add_sweep_parser(sub: Any) -> None:
+    """The ``ptqkit sweep`` subcommand (registered by cli.build_parser)."""
+    s = sub.add_parser("sweep", help="compression-accuracy curves: greedy, IP, light, advanced")
+    s.add_argument("--suite", required=True,
+                   help=f"one or several (comma-separated) of {', '.join(sorted(bench.SUITES))}")
+    s.add_argument("--compressions", default="0.25,0.2,0.16,0.14,0.13,0.12",
+                   help="weight compression ratios in (0, 1] (all-8-bit = 0.25)")
+    s.add_argument("--methods", default=",".join(SWEEP_METHODS),
+                   help=f"comma-separated, any of {', '.join(SWEEP_METHODS)}")
+    s.add_argument("--candidates", default=SweepConfig.candidates,
+                   help="per-layer options: default, relaxed, or e.g. w8a8,w4a4,w2a2")
+    s.add_argument("--no-first-last-8bit", action="store_true")
+    s.add_argument("--calib-size", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data-dir")
+    s.add_argument("--adaquant-iters", type=int, help="AdaQuant steps per (layer, candidate) "
+                   "for the advanced method (default: AdaQuantOptions.iters)")
+    s.add_argument("--tables", help="folder for the sensitivity tables (JSON)")
+    s.add_argument("--plot", help="write the curve here (PNG)")
+    s.add_argument("--json", help="write the rows as JSON here")
+    s.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: Any) -> int:
+    cfg = SweepConfig(compressions=_floats(args.compressions),
+                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                      candidates=args.candidates, first_last_8bit=not args.no_first_last_8bit,
+                      calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
+                      table_dir=args.tables,
+                      tuner_options={"adaquant": {"iters": args.adaquant_iters}}
+                      if args.adaquant_iters else {})
+    rows: list[dict[str, Any]] = []
+
+    def save(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if args.json:  # after every point, so a long sweep keeps what it measured
+            bench.write_json(rows, args.json)
+
+    for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
+        run_sweep(suite, cfg, on_row=save)
+    points = [r for r in rows if not str(r["method"]).startswith("table:")]
+    print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
+                                        "quant_top1", "delta", "expected_calib_loss",
+                                        "measured_calib_loss", "error")))
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_curves(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

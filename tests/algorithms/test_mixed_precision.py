@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ptqkit
+from ptqkit.algorithms import ip, sensitivity
+from ptqkit.algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable
+from ptqkit.algorithms.mixed_precision import MixedPrecisionOptions, Session, range_tuner
+from ptqkit.calib.data import CalibrationData
+from ptqkit.nn.modules import quant_layers
+from ptqkit.pipeline import Recipe, StepSpec
+
+
+def _table(loss, params, options=((8, 8), (4, 4)), macs=None) -> SensitivityTable:
+    loss = np.asarray(loss, dtype=float)
+    return SensitivityTable([f"l{i}" for i in range(len(params))], list(options), loss,
+                            np.asarray(params), np.asarray(macs if macs is not None else params),
+                            np.ones_like(loss, dtype=bool))
+
+
+def _random_table(seed: int, layers: int = 4) -> SensitivityTable:
+    rng = np.random.default_rng(seed)
+    options = [(8, 8), (6, 6), (4, 4), (2, 2)]
+    loss = np.sort(rng.random((layers, len(options))) * rng.random((layers, 1)), axis=1)
+    return _table(loss, rng.integers(10, 1000, layers), options, rng.integers(10, 1000, layers))
+
+
+# ------------------------------------------------------------------ candidates and budgets
+def test_candidate_sets_and_bad_input() -> None:
+    assert ip.candidate_options("default") == [(8, 8), (4, 4)]
+    relaxed = ip.candidate_options("relaxed")
+    assert len(relaxed) == 49 and (2, 8) in relaxed and (8, 2) in relaxed
+    assert ip.candidate_options("w8a8, w4a8") == [(8, 8), (4, 8)]
+    with pytest.raises(ValueError, match="candidate set is empty"):
+        ip.candidate_options("")
+    with pytest.raises(ValueError, match="candidate set is empty"):
+        ip.candidate_options([])
+    with pytest.raises(ValueError, match="2..8"):
+        ip.candidate_options([(1, 8)])
+    with pytest.raises(ValueError, match="w4a8"):
+        ip.candidate_options("4-8")
+
+
+@pytest.mark.parametrize("value", [0.0, -0.1, 1.5])
+def test_budget_outside_unit_interval(value: float) -> None:
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        Budget("compression", value)
+    with pytest.raises(ValueError, match="exactly one budget"):
+        MixedPrecisionOptions()
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        MixedPrecisionOptions(bops=value)
+
+
+# ------------------------------------------------------------------ the integer program
+def test_ip_hand_checked_instance() -> None:
+    # sizes 100 and 300 params; all-8 = 0.25, all-4 = 0.125. Budget 0.2 -> 3200 bits allowed:
+    # l0 at 4 bits = 400 + 2400 = 2800 bits (loss 0.5 + 0), l1 at 4 = 800 + 1200 = 2000 (loss 0.1).
+    t = _table([[0.0, 0.5], [0.0, 0.1]], [100, 300])
+    sol = ip.solve_ip(t, Budget("compression", 0.2))
+    assert sol.choice == [0, 1] and "Optimal" in sol.status
+    assert sol.predicted["loss"] == pytest.approx(0.1)
+    assert sol.predicted["compression"] == pytest.approx(2000 / (400 * 32))
+    # eq. 5 form: smallest model with predicted loss <= 0.3 -> only l1 lowered
+    sol = ip.solve_ip(t, Budget("loss", 0.3))
+    assert sol.choice == [0, 1]
+    assert ip.solve_ip(t, Budget("loss", 0.6)).choice == [1, 1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ip_matches_brute_force(seed: int) -> None:
+    t = _random_table(seed)
+    for budget in (Budget("compression", 0.14), Budget("compression", 0.2), Budget("bops", 0.03)):
+        best = ip.brute_force(t, budget)
+        sol = ip.solve_ip(t, budget)
+        assert sol.predicted[budget.kind] <= budget.value + 1e-12
+        assert sol.predicted["loss"] == pytest.approx(best.predicted["loss"], rel=1e-7, abs=1e-12)
+        for greedy in (ip.greedy_accuracy, ip.greedy_compression):
+            g = greedy(t, budget)
+            assert g.predicted[budget.kind] <= budget.value + 1e-12
+            assert sol.predicted["loss"] <= g.predicted["loss"] + 1e-12
+    loss_budget = Budget("loss", float(t.loss[:, 1].sum()))
+    best = ip.brute_force(t, loss_budget)
+    sol = ip.solve_ip(t, loss_budget)
+    assert sol.predicted["loss"] <= loss_budget.value + 1e-12
+    assert sol.predicted["compression"] == pytest.approx(best.predicted["compression"])
+
+
+def test_infeasible_budget_names_smallest_value() -> None:
+    t = _table([[0.0, 0.5], [0.0, 0.1]], [100, 300])
+    with pytest.raises(InfeasibleBudgetError, match=r"feasible compression with these candidates is 0\.125"):
+        ip.solve_ip(t, Budget("compression", 0.1))
+    with pytest.raises(InfeasibleBudgetError, match="feasible loss with these candidates is 0.1"):
+        ip.greedy_accuracy(_table([[0.1, 0.5], [0.0, 0.1]], [1, 1]), Budget("loss", 0.05))
+
+
+def test_greedy_baselines_hand_checked() -> None:
+    # l0 small but robust, l1 large and sensitive, l2 large and robust
+    t = _table([[0, 0.01], [0, 1.0], [0, 0.02]], [10, 100, 100])
+    budget = Budget("compression", (10 * 4 + 100 * 8 + 100 * 4) / (210 * 32))
+    acc = ip.greedy_accuracy(t, budget)   # lowers l0, then l2 (least sensitive first)
+    comp = ip.greedy_compression(t, budget)  # all at 4, raise l0 (smallest); l1, l2 do not fit
+    assert acc.choice == [1, 0, 1]
+    assert comp.choice == [0, 1, 1] and comp.predicted["loss"] == pytest.approx(1.02)
+    assert ip.solve_ip(t, budget).choice == [1, 0, 1]
+
+
+def test_table_json_roundtrip(tmp_path) -> None:
+    t = _random_table(0)
+    t.meta["loss"] = "kl"
+    t.save(tmp_path / "t.json")
+    back = SensitivityTable.load(tmp_path / "t.json")
+    assert back.layers == t.layers and back.options == t.options and back.meta == t.meta
+    np.testing.assert_array_equal(back.loss, t.loss)
+
+
+# ------------------------------------------------------------------ measurement on a model
+def _prepared(tiny: nn.Module, data: torch.Tensor) -> nn.Module:
+    return ptqkit.quantize(tiny, data, Recipe(first_last_8bit=False))
+
+
+def test_suffix_pass_equals_full_pass(tiny: nn.Module, tiny_data, monkeypatch) -> None:
+    q = _prepared(tiny, tiny_data)
+    calib = CalibrationData(tiny_data, batch_size=16)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in quant_layers(q).items()}
+    names = list(quant_layers(q))
+    req = sensitivity.TableRequest([(8, 8), (3, 3)], {n: [(8, 8), (3, 3)] for n in names}, "kl",
+                                   range_tuner())
+    fast, states = sensitivity.measure_table(q, calib, ref, req)
+    monkeypatch.setattr(sensitivity.SuffixRunner, "_split", lambda self, layer: None)
+    slow, _ = sensitivity.measure_table(q, calib, ref, req)
+    np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-4, atol=1e-9)
+    assert (fast.loss[:, 1] > fast.loss[:, 0]).all()  # 3 bits hurts more than 8
+    assert fast.params.tolist() == [72, 72, 32] and fast.macs.tolist() == [4608, 4608, 32]
+    assert states[("dw", (3, 3))].option == (3, 3)
+    for n, m in quant_layers(q).items():  # every layer restored bit-exactly
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[n][k]), (n, k)
+
+
+def _mp(**opts) -> Recipe:
+    return Recipe(first_last_8bit=False).with_steps(StepSpec("mixed_precision", opts))
+
+
+def test_step_meets_budget_and_reports(tiny: nn.Module, tiny_data, tmp_path) -> None:
+    path = str(tmp_path / "table.json")
+    q = ptqkit.quantize(tiny, tiny_data, _mp(compression=0.15, candidates="w8a8,w4a4,w2a8",
+                                             save_table=path))
+    s = q.report.steps[1]
+    assert s["predicted"]["compression"] <= 0.15 and "Optimal" in s["status"]
+    layers = quant_layers(q)
+    assert {n: f"w{m.w_bits}a{m.a_bits}" for n, m in layers.items()} == s["bits"]
+    assert all(m.w_quant.active and m.a_quant.active for m in layers.values())
+    assert s["measured_loss"] > 0 and s["predicted"]["loss"] > 0
+    # reload the table: same choice, no measurement
+    q2 = ptqkit.quantize(tiny, tiny_data, _mp(compression=0.15, candidates="w8a8,w4a4,w2a8",
+                                              load_table=path))
+    assert q2.report.steps[1]["bits"] == s["bits"]
+    torch.testing.assert_close(q2(tiny_data), q(tiny_data), rtol=0, atol=0)
+
+
+def test_step_pins_and_bad_overrides(tiny: nn.Module, tiny_data) -> None:
+    q = ptqkit.quantize(tiny, tiny_data, Recipe().with_steps(
+        StepSpec("mixed_precision", {"compression": 0.2, "fixed": {"dw": (4, 8)}})))
+    assert q.report.steps[1]["bits"] == {"conv1": "w8a8", "dw": "w4a8", "fc": "w8a8"}
+    with pytest.raises(ValueError, match=r"fixed bits name no quantized layer: \['nope'\]"):
+        ptqkit.quantize(tiny, tiny_data, _mp(compression=0.2, fixed={"nope": (4, 4)}))
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible compression"):
+        ptqkit.quantize(tiny, tiny_data, _mp(compression=0.05))
+
+
+def test_closed_loop_tightens(tiny: nn.Module, tiny_data) -> None:
+    q = ptqkit.quantize(tiny, tiny_data, _mp(max_drop=1e-4, loss_budget=1.0,
+                                             candidates="w8a8,w2a2"))
+    rounds = q.report.steps[1]["rounds"]
+    assert len(rounds) >= 2 and rounds[0]["measured_drop"] > 1e-4
+    assert all(b["loss_budget"] < a["loss_budget"] for a, b in zip(rounds, rounds[1:]))
+    assert rounds[-1]["measured_drop"] <= 1e-4 or len(rounds) == 4
+
+
+def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
+    import copy
+
+    q = _prepared(tiny, tiny_data)
+    calib = CalibrationData(tiny_data)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    s = Session(q, calib, ref, "auto", range_tuner())
+    s.measure([(8, 8), (2, 2)], {n: [(8, 8), (2, 2)] for n in quant_layers(q)})
+    out0 = q(tiny_data)
+    low = s.apply(s.solve(Budget("compression", 0.0625)), copy.deepcopy(q))
+    assert all(m.w_bits == 2 for m in quant_layers(low).values())
+    torch.testing.assert_close(q(tiny_data), out0, rtol=0, atol=0)
+    assert s.measured_loss(low) > s.measured_loss(q)
+
+
+# ------------------------------------------------------------------ pipelines
+def test_light_and_advanced_presets(tiny: nn.Module, tiny_data) -> None:
+    from ptqkit.sweep import with_mixed_precision
+
+    light = with_mixed_precision(Recipe.preset("light", first_last_8bit=False), compression=0.15)
+    assert [s.name for s in light.steps] == ["mixed_precision", "bn_tuning"]
+    q = ptqkit.quantize(tiny, tiny_data, light)
+    assert [s["step"] for s in q.report.steps][:3] == ["ranges", "mixed_precision", "bn_tuning"]
+    assert q.report.steps[1]["predicted"]["compression"] <= 0.15
+    adv = with_mixed_precision(Recipe.preset("advanced", first_last_8bit=False), compression=0.15,
+                               tuner_options={"iters": 4, "eval_every": 2})
+    qa = ptqkit.quantize(tiny, tiny_data, adv)
+    assert [s["step"] for s in qa.report.steps][:4] == ["ranges", "mixed_precision", "bn_tuning",
+                                                        "bias_tuning"]
+    assert qa.report.steps[1]["predicted"]["compression"] <= 0.15
+
+
+def test_cli_flags_set_the_budget() -> None:
+    from ptqkit.cli import build_parser, recipe_from_args
+
+    args = build_parser().parse_args(["quantize", "m", "--out", "x", "--pipeline", "light",
+                                      "--max-drop", "0.5", "--candidates", "relaxed"])
+    step = recipe_from_args(args).steps[0]
+    assert step.name == "mixed_precision"
+    assert dict(step.options) == {"max_drop": 0.5, "candidates": "relaxed"}
