@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import bias_correction, bit_allocation, range_init  # noqa: F401
+from . import bias_correction, bit_allocation, lapq, range_init  # noqa: F401
 from .base import STEPS, Context, Report, Step, register_step
 
 __all__ = ["STEPS", "Context", "Report", "Step", "register_step"]
