@@ -25,6 +25,8 @@ class Quantizer(nn.Module):
     code range.
     """
 
+    initialized: torch.Tensor
+
     def __init__(self, spec: QuantSpec, channels: int = 1) -> None:
         super().__init__()
         self.spec = spec
