@@ -102,6 +102,11 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "minmax": lambda c: c.recipe(w_range="minmax", a_range="minmax"),
     "percentile": lambda c: c.recipe(w_range="percentile", a_range="percentile"),
     "mse": lambda c: c.recipe(w_range="mse", a_range="mse"),
+    "aciq": lambda c: c.recipe(w_range="aciq", a_range="aciq"),
+    "aciq+bc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bias_correction"]),
+    "aciq+alloc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bit_allocation"]),
+    "lp": lambda c: c.recipe(w_range="lp", a_range="lp"),
+    "lapq": lambda c: c.recipe(w_range="minmax", a_range="minmax", steps=["lapq"]),  # LAPQ sets ranges
 }
 
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}
