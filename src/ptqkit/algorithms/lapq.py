@@ -84,10 +84,10 @@ class LAPQOptions:
     cache_outputs: reuse unchanged layer prefixes between evaluations (faster, more memory)."""
 
     p_grid: tuple[float, ...] = (2.0, 2.5, 3.0, 3.5, 4.0)
-    max_evals: int = 300
+    max_evals: int = 200
     powell_iters: int = 2
-    xtol: float = 0.02
-    bounds: tuple[float, float] = (0.1, 2.0)
+    xtol: float = 0.05
+    bounds: tuple[float, float] = (0.3, 1.7)
     loss: str = "auto"
     powell_samples: int | None = 256
     include_8bit: bool = False
