@@ -331,6 +331,9 @@ class LAPQ(Step):
             init, info = _p_search(prob, opts, sub)
             info["init_loss"] = full()
             names = [n for n, q in prob.quantizers.items() if opts.include_8bit or q.spec.bits < 8]
+            # Powell's first sweep follows this order and the budget may end it early: input
+            # (activation) clipping usually matters most at low bits, so it goes first.
+            names.sort(key=lambda n: not n.endswith(".a_quant"))
             mult: dict[str, float] = {}
             final, evals = info["init_loss"], 0
             if names and opts.max_evals > 0 and opts.powell_iters > 0:
