@@ -109,6 +109,11 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
     "light": lambda c: Recipe.preset("light", first_last_8bit=c.first_last_8bit, seed=c.seed),
     "advanced": lambda c: Recipe.preset("advanced", first_last_8bit=c.first_last_8bit, seed=c.seed),
+    "aciq": lambda c: c.recipe(w_range="aciq", a_range="aciq"),
+    "aciq+bc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bias_correction"]),
+    "aciq+alloc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bit_allocation"]),
+    "lp": lambda c: c.recipe(w_range="lp", a_range="lp"),
+    "lapq": lambda c: c.recipe(w_range="minmax", a_range="minmax", steps=["lapq"]),  # LAPQ sets ranges
 }
 
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}

@@ -71,8 +71,8 @@ def compression_ratio(qmodel: nn.Module) -> float:
     """sum(params x bits) / (all params x 32): quantized weights at their bit width, everything
     else (biases, unquantized layers, norms) at 32 bits. All-8-bit weights give ~0.25."""
     layers = quant_layers(qmodel)
-    qweights = {id(m.weight): m.w_bits for m in layers.values() if m.w_quant.active}
-    bits = total = 0
+    qweights = {id(m.weight): m.w_quant.storage_bits for m in layers.values() if m.w_quant.active}
+    bits, total = 0.0, 0
     for name, p in qmodel.named_parameters():
         if name.endswith(("w_quant.scale", "w_quant.zero_point", "a_quant.scale", "a_quant.zero_point")):
             continue  # quantization parameters are metadata, not model weights

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from . import adaquant, bias_tuning, bn_tuning, mixed_precision, range_init  # noqa: F401
+from . import (  # noqa: F401
+    adaquant,
+    bias_correction,
+    bias_tuning,
+    bit_allocation,
+    bn_tuning,
+    lapq,
+    mixed_precision,
+    range_init,
+)
 from .base import STEPS, Context, Report, Step, register_step
 
 __all__ = ["STEPS", "Context", "Report", "Step", "register_step"]

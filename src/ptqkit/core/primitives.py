@@ -33,22 +33,33 @@ def _expand(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return t.reshape(()) if t.numel() == 1 else t
 
 
+Bounds = tuple[torch.Tensor, torch.Tensor]
+
+
+def _clamp_codes(q: torch.Tensor, spec: QuantSpec, bounds: Bounds | None) -> torch.Tensor:
+    """Clamp codes to the spec's grid, or to per-channel (qmin (C,), qmax (C,)) inside it."""
+    if bounds is None:
+        return torch.clamp(q, spec.qmin, spec.qmax)
+    return torch.clamp(q, _expand(bounds[0], q, spec), _expand(bounds[1], q, spec))
+
+
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                 spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as float) of ``x``: shape of ``x``; scale/zero_point scalar or (C,)."""
+                 spec: QuantSpec, bounds: Bounds | None = None) -> torch.Tensor:
+    """Integer codes (as float) of ``x``: shape of ``x``; scale/zero_point scalar or (C,).
+    ``bounds``: optional per-channel code range (fewer levels on some channels)."""
     s, z = _expand(scale, x, spec), _expand(zero_point, x, spec)
-    return torch.clamp(torch.round(x * (1.0 / s)) + z, spec.qmin, spec.qmax)
+    return _clamp_codes(torch.round(x * (1.0 / s)) + z, spec, bounds)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                  spec: QuantSpec) -> torch.Tensor:
+                  spec: QuantSpec, bounds: Bounds | None = None) -> torch.Tensor:
     """Quantize-dequantize ``x`` with straight-through rounding.
 
     Gradients flow to ``x`` (inside the clipping range), to ``scale`` and to ``zero_point``
     (as in LSQ/LSQ+); ``zero_point`` is rounded to an integer in the forward pass.
     """
     s, z = _expand(scale, x, spec), _expand(round_ste(zero_point), x, spec)
-    q = torch.clamp(round_ste(x * (1.0 / s)) + z, spec.qmin, spec.qmax)
+    q = _clamp_codes(round_ste(x * (1.0 / s)) + z, spec, bounds)
     return (q - z) * s
 
 

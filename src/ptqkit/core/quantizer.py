@@ -17,6 +17,12 @@ class Quantizer(nn.Module):
     ``scale`` and ``zero_point`` are Parameters (learnable by AdaQuant); the zero-point is kept in
     float and rounded with a straight-through estimator in the forward pass. Until a range is set
     (``initialized`` False) or while ``enabled`` is False the module is the identity.
+
+    ``channel_bits`` (optional, per-channel quantizers): fewer levels on some channels - channel c
+    uses only the codes of a ``channel_bits[c]``-bit grid inside this quantizer's ``spec.bits``
+    grid (Banner's per-channel bit allocation). Exported as ordinary per-channel scales and
+    zero-points on the ``spec.bits`` grid; the integer weights simply never leave the channel's
+    code range.
     """
 
     initialized: torch.Tensor
@@ -29,6 +35,8 @@ class Quantizer(nn.Module):
         self.zero_point = nn.Parameter(torch.zeros(n))
         self.enabled = True
         self.register_buffer("initialized", torch.tensor(False))
+        self.channel_bits: torch.Tensor | None
+        self.register_buffer("channel_bits", None)
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.spec.per_channel else "per-tensor"
@@ -44,7 +52,43 @@ class Quantizer(nn.Module):
         if spec.per_channel != self.spec.per_channel:
             raise ValueError("set_spec cannot change the granularity of an existing quantizer")
         self.spec = spec
+        self.channel_bits = None
         self.initialized.fill_(False)
+
+    def set_channel_bits(self, bits: torch.Tensor | None) -> None:
+        """Per-channel bit widths (C,) within ``spec.bits``, or None for the uniform grid."""
+        if bits is None:
+            self.channel_bits = None
+            return
+        bits = torch.as_tensor(bits).reshape(-1).long()
+        if not self.spec.per_channel or bits.numel() != self.scale.numel():
+            raise ValueError(f"channel bits need a per-channel quantizer with {self.scale.numel()} "
+                             f"channels, got {bits.numel()} values")
+        if int(bits.min()) < 2 or int(bits.max()) > self.spec.bits:
+            raise ValueError(f"channel bits must lie in 2..{self.spec.bits} (the grid's bits), got "
+                             f"{int(bits.min())}..{int(bits.max())}; raise spec.bits first")
+        self.channel_bits = bits.clone()
+
+    def code_bounds(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-channel (qmin, qmax) codes when ``channel_bits`` is set, else None (the spec's)."""
+        if self.channel_bits is None:
+            return None
+        levels = torch.pow(2.0, self.channel_bits.float())
+        lo = -levels / 2 if self.spec.symmetric else torch.zeros_like(levels)
+        return lo, lo + levels - 1
+
+    @property
+    def storage_bits(self) -> float:
+        """Mean bits per weight: spec.bits, or the mean of ``channel_bits``."""
+        if self.channel_bits is None:
+            return float(self.spec.bits)
+        return float(self.channel_bits.float().mean())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # channel_bits is optional: adopt whatever the checkpoint holds (absent -> uniform grid)
+        key = prefix + "channel_bits"
+        self.channel_bits = state_dict[key].clone() if key in state_dict else None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -62,21 +106,25 @@ class Quantizer(nn.Module):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The effective (scale, integer zero-point) used in the forward pass, detached."""
         scale = self.scale.detach().clamp(min=EPS)
-        zp = torch.round(self.zero_point.detach()).clamp(self.spec.qmin, self.spec.qmax)
+        lo, hi = self.code_bounds() or (self.spec.qmin, self.spec.qmax)
+        zp = torch.clamp(torch.round(self.zero_point.detach()), lo, hi)  # type: ignore[arg-type]
         return scale, zp
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The clipping range [lo, hi] the grid currently covers."""
         scale, zp = self.qparams()
-        return (self.spec.qmin - zp) * scale, (self.spec.qmax - zp) * scale
+        lo, hi = self.code_bounds() or (self.spec.qmin, self.spec.qmax)
+        return (lo - zp) * scale, (hi - zp) * scale
 
     def int_repr(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (int32) on this grid."""
         scale, zp = self.qparams()
-        return quantize_int(x, scale, zp, self.spec).to(torch.int32)
+        return quantize_int(x, scale, zp, self.spec, self.code_bounds()).to(torch.int32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
-        zp = torch.clamp(self.zero_point, self.spec.qmin, self.spec.qmax)
-        return fake_quantize(x, self.scale.clamp(min=EPS), zp, self.spec)
+        bounds = self.code_bounds()
+        lo, hi = bounds or (self.spec.qmin, self.spec.qmax)
+        zp = torch.clamp(self.zero_point, lo, hi)  # type: ignore[arg-type]
+        return fake_quantize(x, self.scale.clamp(min=EPS), zp, self.spec, bounds)

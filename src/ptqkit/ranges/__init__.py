@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 
 from ..core.spec import QuantSpec
+from .aciq import aciq_range
+from .lp import lp_range
 from .minmax import minmax_range
 from .mse import mse_range
 from .percentile import percentile_range
@@ -23,6 +25,8 @@ RANGE_METHODS: dict[str, RangeFn] = {
     "minmax": minmax_range,
     "percentile": percentile_range,
     "mse": mse_range,
+    "aciq": aciq_range,
+    "lp": lp_range,
 }
 
 

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import ptqkit
+from ptqkit.algorithms.base import Context, Report
+from ptqkit.algorithms.bias_correction import BiasCorrection, BiasCorrectionOptions, banner_correction
+from ptqkit.calib.data import CalibrationData
+from ptqkit.nn.control import quantizers_disabled
+from ptqkit.nn.modules import quant_layers
+from ptqkit.pipeline import Recipe
+
+
+def test_banner_correction_hand_checked() -> None:
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    w_q = torch.tensor([[1.0, 1.0, 3.0, 3.0]])
+    xi, d = banner_correction(w, w_q)
+    assert float(xi[0]) == pytest.approx(1.25**0.5)  # std 1.118 / std 1
+    assert float(d[0]) == pytest.approx(2.5 - 1.25**0.5 * 2.0)
+    fixed = xi[:, None] * w_q + d[:, None]
+    assert_close(fixed.mean(1), w.mean(1))
+    assert_close(fixed.std(1, unbiased=False), w.std(1, unbiased=False))
+    xi, d = banner_correction(w, torch.full_like(w, 2.0))  # constant channel: no rescaling
+    assert float(xi[0]) == 1.0 and float(d[0]) == pytest.approx(0.5)
+
+
+def _biased_layer(mode: str, activations: bool = False,
+                  spread: float = 0.02):  # type: ignore[no-untyped-def]
+    """A Linear whose weights (0.3 +- 0.02) all round down to 0.25: a known biased error of
+    -0.05 per weight; inputs with mean 1, so the output mean error is about -0.05 * 16."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        net[0].weight.copy_(0.3 + spread * torch.randn(4, 16, generator=g).clamp(-2, 2))
+    x = 1.0 + 0.3 * torch.randn(512, 16, generator=g)
+    q = ptqkit.quantize(net, x, Recipe(w_bits=4, a_bits=3, first_last_8bit=False,
+                                       w_range="minmax", a_range="minmax"))
+    layer = quant_layers(q)["0"]
+    layer.w_quant.set_qparams(torch.full((4,), 0.25), torch.zeros(4))
+    ctx = Context(q, CalibrationData(x), Report())
+    return net, q, layer, x, ctx, BiasCorrection(BiasCorrectionOptions(mode, activations))
+
+
+@torch.no_grad()
+def _mean_error(net: nn.Module, q: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with quantizers_disabled(q, "activations"):
+        return (q(x) - net(x)).mean(0)
+
+
+@torch.no_grad()
+def test_empirical_correction_removes_the_output_mean_error() -> None:
+    net, q, layer, x, ctx, step = _biased_layer("empirical")
+    before = _mean_error(net, q, x)
+    assert (before < -0.6).all()  # about -0.8 per output
+    codes = layer.w_quant.int_repr(layer.weight)
+    step.run(ctx)
+    assert _mean_error(net, q, x).abs().max() < 1e-5
+    held_out = 1.0 + 0.3 * torch.randn(2000, 16, generator=torch.Generator().manual_seed(9))
+    assert _mean_error(net, q, held_out).abs().max() < 0.02
+    assert torch.equal(layer.w_quant.int_repr(layer.weight), codes)  # weights untouched
+
+
+@torch.no_grad()
+def test_empirical_with_activation_error_zeroes_the_full_layer_error() -> None:
+    net, q, layer, x, ctx, step = _biased_layer("empirical", activations=True)
+    full = lambda: (q(x) - net(x)).mean(0)  # noqa: E731
+    assert full().abs().max() > 0.5
+    step.run(ctx)
+    assert full().abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_banner_folds_xi_into_the_scale_and_keeps_codes() -> None:
+    net, q, layer, x, ctx, step = _biased_layer("banner", spread=0.1)
+    w0 = layer.weight.clone()
+    before = _mean_error(net, q, x).abs().max()
+    codes, scale = layer.w_quant.int_repr(w0), layer.w_quant.scale.clone()
+    w_q0 = layer.w_quant(w0)
+    xi, d = banner_correction(w0, w_q0)
+    step.run(ctx)
+    assert torch.equal(layer.w_quant.int_repr(layer.weight), codes)
+    assert_close(layer.w_quant.scale, scale * xi)
+    rep = layer.w_quant(layer.weight)  # xi * W~: the spread of the float weights, exactly
+    assert_close(rep.std(1, unbiased=False), w0.std(1, unbiased=False), rtol=1e-5, atol=1e-6)
+    # the mean residual d went into the bias through the input mean: output mean error ~ 0
+    assert _mean_error(net, q, x).abs().max() < 0.05 * before
+    info = ctx.report.layers["0"]["bias_correction"]
+    assert info["xi_min"] == pytest.approx(float(xi.min()))
+
+
+def test_pipeline_step_and_options() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(32, 1, 4, 4)
+    q = ptqkit.quantize(net, x, Recipe(w_bits=3, a_bits=8, first_last_8bit=False)
+                        .with_steps({"name": "bias_correction", "options": {"mode": "both"}}))
+    assert [s["step"] for s in q.report.steps][:2] == ["ranges", "bias_correction"]
+    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "bias_shift_max"}
+    with pytest.raises(ValueError, match="unknown bias-correction mode 'mean'"):
+        BiasCorrectionOptions(mode="mean")
