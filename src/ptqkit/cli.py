@@ -136,7 +136,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
                                 args.calib_size, args.seed, args.data_dir)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    methods += ["deploy"] if args.deploy else []
     rows = bench_mod.run_bench(args.suite, methods, cfg)
     print(bench_mod.markdown_table(rows))
     if args.json:
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark suite")
     b.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench_mod.SUITES))}")
-    b.add_argument("--methods", required=True, help="comma-separated method names")
+    b.add_argument("--methods", help="comma-separated method names")
+    b.add_argument("--deploy", action="store_true", help="add ONNX Runtime latency/size/parity row")
     b.add_argument("--w-bits", type=int, default=4)
     b.add_argument("--a-bits", type=int, default=4)
     b.add_argument("--no-first-last-8bit", action="store_true")

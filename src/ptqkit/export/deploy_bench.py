@@ -1,0 +1,216 @@
+"""Deployment benchmark: ONNX Runtime latency and file size of float / ptqkit / ORT-int8 models,
+and ONNX Runtime's own static quantization as a peer method (``ort-minmax`` ...).
+
+Latency protocol: CPU execution provider, ``threads`` intra-op threads, all graph optimisations;
+per batch size, ``warmup`` runs are discarded and the median of ``repeats`` timed runs is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..calib.data import CalibrationData
+from .onnx import export_onnx, optimized_op_counts, ort_session
+
+__all__ = ["LatencySpec", "export_float", "ort_quantize", "ort_predict", "latency_ms",
+           "ORT_CALIBRATORS", "ort_peer_row", "deploy_row", "integer_kernels", "OrtModule", "parity"]
+
+log = logging.getLogger(__name__)
+ORT_CALIBRATORS = {"ort-minmax": "MinMax", "ort-entropy": "Entropy", "ort-percentile": "Percentile"}
+INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    threads: int = 2
+    batches: tuple[int, ...] = (1, 64)
+    warmup: int = 5
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.repeats < 1 or self.warmup < 0 or not self.batches:
+            raise ValueError(f"invalid LatencySpec {self}: threads, repeats >= 1, warmup >= 0, "
+                             "at least one batch size")
+
+
+def export_float(model: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor,
+                 opset: int = 17) -> Path:
+    """torch.onnx export of the float model (TorchScript exporter, dynamic batch axis)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example_input,), str(path), opset_version=opset,
+                          dynamo=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          do_constant_folding=True)
+    return path
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a CalibrationData (tensor batches)."""
+
+    def __init__(self, calib: CalibrationData) -> None:
+        self._it = iter([{"input": _as_input(b).numpy()} for b in calib])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _as_input(batch: Any) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str],
+                 calib: CalibrationData, method: str = "MinMax") -> Path:
+    """ONNX Runtime's own int8 static quantization: pre-processing, then QDQ, per-channel int8
+    weights, uint8 activations (its defaults otherwise), calibrated on ``calib``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = Path(out)
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(float_onnx), str(pre))
+    quantize_static(str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod[method])
+    pre.unlink(missing_ok=True)
+    return out
+
+
+def ort_predict(path: str | os.PathLike[str], x: torch.Tensor, batch_size: int = 500,
+                threads: int = 2) -> torch.Tensor:
+    """Logits of the ONNX model on ``x`` (N, ...) with ONNX Runtime."""
+    sess = ort_session(path, threads)
+    outs = [sess.run(None, {"input": x[i:i + batch_size].numpy()})[0]
+            for i in range(0, len(x), batch_size)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def latency_ms(path: str | os.PathLike[str], sample: torch.Tensor, spec: LatencySpec) -> dict[str, float]:
+    """Median latency (ms) per batch size; ``sample`` holds at least max(batches) inputs."""
+    sess = ort_session(path, spec.threads)
+    res = {}
+    for b in spec.batches:
+        feed = {"input": sample[:b].numpy()}
+        for _ in range(spec.warmup):
+            sess.run(None, feed)
+        times = []
+        for _ in range(spec.repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        res[f"latency_b{b}_ms"] = 1000 * statistics.median(times)
+    return res
+
+
+def integer_kernels(path: str | os.PathLike[str]) -> dict[str, int]:
+    """How many integer kernels (QLinearConv, QGemm, ...) and float Conv/Gemm ORT really runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ops = optimized_op_counts(path, tmp)
+    float_ops = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "Gemm", "MatMul",
+                                                         "FusedGemm", "FusedMatMul"))
+    return {"int_kernels": sum(ops[k] for k in INT_KERNELS), "float_kernels": float_ops,
+            "ops": {k: ops[k] for k in INT_KERNELS if ops[k]}}
+
+
+class OrtModule(nn.Module):
+    """Wraps an ONNX Runtime session as a module (so evaluate() and predict() apply)."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 2) -> None:
+        super().__init__()
+        self.sess = ort_session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.sess.run(None, {"input": x.detach().numpy()})[0])
+
+
+def _example(suite: Any, n: int = 64) -> torch.Tensor:
+    return suite.x_test[:n].contiguous()
+
+
+def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
+    """Bench row of ONNX Runtime's own static quantization (``method`` in ORT_CALIBRATORS)."""
+    if (cfg.w_bits, cfg.a_bits) != (8, 8):
+        raise ValueError(f"{method}: ONNX Runtime's int8 quantizer is benchmarked at W8A8 only, "
+                         f"got W{cfg.w_bits}A{cfg.a_bits}; run it with --w-bits 8 --a-bits 8")
+    calib = suite.calib(cfg.calib_size, cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = export_float(suite.float_model, Path(tmp) / "float.onnx", _example(suite, 1))
+        t0 = time.perf_counter()
+        qp = ort_quantize(fp, Path(tmp) / "ort.onnx", calib, ORT_CALIBRATORS[method])
+        seconds = time.perf_counter() - t0
+        res = suite.evaluate(OrtModule(qp))
+        kernels = integer_kernels(qp)
+    return {"fp32_top1": res.get("fp32_top1"), "quant_top1": res.get("top1"),
+            "delta": res["top1"] - res["fp32_top1"], "agreement": res["agreement"], "kl": res["kl"],
+            "seconds": seconds, "int_kernels": kernels["int_kernels"],
+            "recipe": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                       "per_channel": True, "weights": "int8", "activations": "uint8",
+                       "calibrate_method": ORT_CALIBRATORS[method], "pre_process": True}}
+
+
+def _sizes_and_latency(paths: dict[str, Path], sample: torch.Tensor,
+                       spec: LatencySpec) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for tag, path in paths.items():
+        row[f"{tag}_bytes"] = path.stat().st_size
+        for k, v in latency_ms(path, sample, spec).items():
+            row[f"{tag}_{k}"] = v
+        row[f"{tag}_kernels"] = integer_kernels(path)
+    for b in spec.batches:
+        ours, ort_, fl = (row[f"{t}_latency_b{b}_ms"] for t in ("ours", "ort", "float"))
+        row[f"speedup_vs_float_b{b}"] = fl / ours
+        row[f"ours_over_ort_b{b}"] = ours / ort_
+    return row
+
+
+def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = None,
+               workdir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Parity, latency and file size of float / ptqkit / ORT-int8 ONNX models of one suite.
+
+    ``recipe`` quantizes the ptqkit model (exported with :func:`export_onnx`); ORT's int8 model
+    is quantize_static with MinMax calibration on the same calibration images.
+    """
+    from ..pipeline import quantize
+
+    spec = spec or LatencySpec()
+    calib = suite.calib(cfg.calib_size, cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(workdir or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
+        paths = {"float": export_float(suite.float_model, out / "float.onnx", _example(suite, 1)),
+                 "ort": ort_quantize(out / "float.onnx", out / "ort_int8.onnx", calib)}
+        info = export_onnx(qmodel, out / "ptqkit.onnx", _example(suite, 1))
+        paths["ours"] = info.path
+        row = {"fp32_top1": suite.fp32_top1, **parity(qmodel, info.path, suite.x_test, suite.y_test),
+               "method": "deploy (mse ranges)",
+               "export_notes": info.notes,
+               **_sizes_and_latency(paths, _example(suite, max(spec.batches)), spec),
+               "latency": {"threads": spec.threads, "warmup": spec.warmup, "repeats": spec.repeats},
+               "recipe": recipe.to_dict()}
+    return row
+
+
+def parity(qmodel: nn.Module, onnx_path: str | os.PathLike[str], x: torch.Tensor,
+           y: torch.Tensor) -> dict[str, float]:
+    """Top-1 of the simulated and the ONNX Runtime model, and how often their predictions agree."""
+    from ..evaluate import predict, top1
+
+    sim, ort_ = predict(qmodel, x), predict(OrtModule(onnx_path), x)
+    return {"sim_top1": top1(sim, y), "onnx_top1": top1(ort_, y), "quant_top1": top1(ort_, y),
+            "parity_delta": top1(ort_, y) - top1(sim, y),
+            "onnx_vs_sim_agreement": 100.0 * float((sim.argmax(1) == ort_.argmax(1)).float().mean())}

@@ -1,0 +1,209 @@
+"""Packed quantized checkpoint: integer weights at their bit width, in one safetensors file.
+
+Layout (format version 1):
+- tensors: for every quantized layer with active weights, ``<layer>.weight.packed`` (uint8: the
+  codes q - qmin as a little bit stream, ``bits`` bits per weight, so two 4-bit weights per byte)
+  and ``<layer>.w_quant.zero_point`` as int16; every other entry of the quantized model's
+  state_dict as is (per-channel scales, biases, activation qparams, float layers).
+- metadata ``ptqkit``: a JSON map with the format name and version, the recipe, the layer order,
+  per-layer type / shape / bits / symmetry, and a SHA-256 of all tensor bytes (detects corruption).
+
+Loading rebuilds the quantized model from the float architecture without data: BN is folded
+(giving the same module tree), the named layers are swapped, the stored values loaded. The
+weights are the dequantized integers s * (q - z); re-quantizing them gives q again, so outputs are
+bit-identical to the saved simulated model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.spec import QuantSpec
+from ..nn.modules import REGISTRY, QuantModule, quant_layers
+from ..nn.prepare import PTQState, _fold_all, set_module
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "pack_bits", "unpack_bits", "save", "load"]
+
+FORMAT, FORMAT_VERSION = "ptqkit-packed", 1
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integer codes (N,) in [0, 2^bits) into a uint8 bit stream of ceil(N*bits/8)."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    if codes.size and int(codes.max()) >= 2**bits:
+        raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
+    if bits == 8:
+        return codes.copy()
+    stream = np.unpackbits(codes[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(stream.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: (count,) uint8 codes."""
+    if bits == 8:
+        return np.asarray(packed, dtype=np.uint8)[:count].copy()
+    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")
+    if stream.size < count * bits:
+        raise ValueError(f"packed weights hold {stream.size // bits} values, expected {count}")
+    stream = stream[:count * bits].reshape(count, bits)
+    return np.packbits(stream, axis=1, bitorder="little").reshape(-1)
+
+
+def _layer_entry(layer: QuantModule) -> dict[str, Any]:
+    w, a = layer.w_quant.spec, layer.a_quant.spec
+    return {"type": type(layer).__name__, "shape": list(layer.weight.shape),
+            "w_bits": w.bits, "w_symmetric": w.symmetric, "a_bits": a.bits,
+            "a_symmetric": a.symmetric, "w_enabled": layer.w_quant.enabled,
+            "a_enabled": layer.a_quant.enabled, "bias": layer.bias is not None,
+            "packed": layer.w_quant.active}
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _packed_tensors(qmodel: nn.Module, layers: dict[str, QuantModule]) -> dict[str, torch.Tensor]:
+    tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
+    for name, layer in layers.items():
+        if not layer.w_quant.active:
+            continue
+        spec = layer.w_quant.spec
+        codes = layer.w_quant.int_repr(layer.weight.detach()) - spec.qmin
+        packed = pack_bits(codes.numpy().astype(np.uint8), spec.bits)
+        del tensors[f"{name}.weight"]
+        tensors[f"{name}.weight.packed"] = torch.from_numpy(packed)
+        tensors[f"{name}.w_quant.zero_point"] = layer.w_quant.qparams()[1].to(torch.int16)
+    return tensors
+
+
+def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``qmodel`` (from :func:`ptqkit.quantize`) as a packed checkpoint; returns the path."""
+    from safetensors.torch import save_file
+
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("save expects a quantized model (from ptqkit.quantize); it has no "
+                         "quantized layer")
+    tensors = _packed_tensors(qmodel, layers)
+    recipe = getattr(getattr(qmodel, "report", None), "recipe", None)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "recipe": recipe,
+            "layer_order": list(getattr(getattr(qmodel, "ptq", None), "layer_order", []) or layers),
+            "layers": {n: _layer_entry(m) for n, m in layers.items()},
+            "sha256": _digest(tensors)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"ptqkit": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"packed checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("ptqkit")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types on bad headers/data
+        raise ValueError(f"{path} is corrupted or truncated (not a readable safetensors file: "
+                         f"{exc}); save the model again with ptqkit.save") from exc
+    if raw is None:
+        raise ValueError(f"{path} has no ptqkit map in its metadata; it was not written by "
+                         "ptqkit.save")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} version "
+                         f"{meta.get('format_version')!r} is not supported (expected {FORMAT!r} "
+                         f"version {FORMAT_VERSION}); save it again with this ptqkit version")
+    if _digest(tensors) != meta.get("sha256"):
+        raise ValueError(f"{path} is corrupted: its tensor data does not match the stored SHA-256;"
+                         " save the model again with ptqkit.save")
+    return tensors, meta
+
+
+def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """BN-folded copy of ``model`` with the map's layers swapped for quantized ones (no data)."""
+    import copy
+
+    qmodel = copy.deepcopy(model).eval()
+    state = PTQState()
+    folded = _fold_all(qmodel, state)
+    mods = dict(qmodel.named_modules())
+    problems = []
+    for name, entry in meta["layers"].items():
+        mod = mods.get(name)
+        qcls = REGISTRY.get(type(mod)) if mod is not None else None
+        if qcls is None or qcls.__name__ != entry["type"] or list(mod.weight.shape) != entry["shape"]:
+            found = "missing" if mod is None else f"{type(mod).__name__}{list(mod.weight.shape)}"
+            problems.append(f"{name} (map: {entry['type']}{entry['shape']}, model: {found})")
+            continue
+        w_spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
+        q = qcls(mod, w_spec, QuantSpec(entry["a_bits"], entry["a_symmetric"]))
+        q.folded_bn = folded.get(name)
+        q.w_quant.enabled, q.a_quant.enabled = entry["w_enabled"], entry["a_enabled"]
+        if entry["bias"]:
+            q.ensure_bias()
+        set_module(qmodel, name, q)
+    if problems:
+        raise ValueError("the checkpoint's map does not match the model: " + "; ".join(problems)
+                         + "; pass the same architecture the checkpoint was saved from")
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    state.layer_order = list(meta["layer_order"])
+    qmodel.ptq = state  # type: ignore[assignment]
+    return qmodel
+
+
+def _unpacked_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = dict(tensors)
+    for name, entry in meta["layers"].items():
+        if not entry["packed"]:
+            continue
+        spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
+        count = int(np.prod(entry["shape"]))
+        codes = unpack_bits(state.pop(f"{name}.weight.packed").numpy(), spec.bits, count)
+        q = torch.from_numpy(codes.astype(np.float32) + spec.qmin).reshape(entry["shape"])
+        zp = state[f"{name}.w_quant.zero_point"].to(torch.float32)
+        scale = state[f"{name}.w_quant.scale"].clamp(min=1e-8)
+        shape = [-1] + [1] * (q.dim() - 1)
+        state[f"{name}.w_quant.zero_point"] = zp
+        state[f"{name}.weight"] = (q - zp.reshape(shape)) * scale.reshape(shape)
+    return state
+
+
+def load(path: str | os.PathLike[str],
+         model_factory_or_float_model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild the quantized model saved by :func:`save`.
+
+    model_factory_or_float_model: the float architecture (an nn.Module, or a callable returning
+    one); its weights are not used. Raises ValueError on a corrupted/truncated file, a wrong format
+    version, or a map that does not match the model.
+    """
+    tensors, meta = _read(Path(path))
+    model = model_factory_or_float_model
+    if not isinstance(model, nn.Module):
+        model = model()
+    qmodel = _skeleton(model, meta)
+    state = _unpacked_state(tensors, meta)
+    result = qmodel.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"the checkpoint does not match the model: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+    return qmodel
