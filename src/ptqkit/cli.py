@@ -146,6 +146,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.onnx import export_onnx
+    from .export.packed import save
+
+    qmodel, _, _ = load_run(args.run_dir)
+    if not (args.onnx or args.packed):
+        raise ValueError("nothing to export: pass --onnx FILE and/or --packed FILE")
+    if args.onnx:
+        info = export_onnx(qmodel, args.onnx, torch.load(Path(args.run_dir) / "example.pt"))
+        print(f"wrote {info.path}" + "".join(f"\n  note: {n}" for n in info.notes))
+    if args.packed:
+        print(f"wrote {save(qmodel, args.packed)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptqkit", description="Post-training quantization of PyTorch models")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -185,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data-dir")
     b.add_argument("--json", help="write the rows as JSON here")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="export a run directory to ONNX (QDQ) and/or a packed checkpoint")
+    x.add_argument("run_dir")
+    x.add_argument("--onnx", help="output .onnx file")
+    x.add_argument("--packed", help="output packed .safetensors checkpoint")
+    x.set_defaults(func=cmd_export)
     return p
 
 

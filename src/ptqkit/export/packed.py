@@ -3,7 +3,7 @@
 Layout (format version 1):
 - tensors: for every quantized layer with active weights, ``<layer>.weight.packed`` (uint8: the
   codes q - qmin as a little bit stream, ``bits`` bits per weight, so two 4-bit weights per byte)
-  and ``<layer>.w_quant.zero_point`` as int16; every other entry of the quantized model's
+  and ``<layer>.w_quant.zero_point`` as uint8/int8; every other entry of the quantized model's
   state_dict as is (per-channel scales, biases, activation qparams, float layers).
 - metadata ``ptqkit``: a JSON map with the format name and version, the recipe, the layer order,
   per-layer type / shape / bits / symmetry, and a SHA-256 of all tensor bytes (detects corruption).
@@ -85,7 +85,8 @@ def _packed_tensors(qmodel: nn.Module, layers: dict[str, QuantModule]) -> dict[s
         packed = pack_bits(codes.numpy().astype(np.uint8), spec.bits)
         del tensors[f"{name}.weight"]
         tensors[f"{name}.weight.packed"] = torch.from_numpy(packed)
-        tensors[f"{name}.w_quant.zero_point"] = layer.w_quant.qparams()[1].to(torch.int16)
+        zp_type = torch.int8 if spec.symmetric else torch.uint8  # the zero-point is on the grid
+        tensors[f"{name}.w_quant.zero_point"] = layer.w_quant.qparams()[1].to(zp_type)
     return tensors
 
 
