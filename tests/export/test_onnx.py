@@ -78,8 +78,9 @@ def test_weights_are_the_simulated_integers(tiny, tiny_data, tmp_path):
     for name, layer in quant_layers(qmodel).items():
         q = layer.w_quant.int_repr(layer.weight).numpy()
         found = [v for k, v in inits.items() if k.startswith(f"/{name}/QuantizeLinear")]
-        assert len(found) == 1 and found[0].dtype == np.uint8
-        np.testing.assert_array_equal(found[0].astype(np.int32), q)
+        zp = layer.w_quant.qparams()[1].reshape(-1, *[1] * (q.ndim - 1)).numpy()
+        assert len(found) == 1 and found[0].dtype == np.int8  # asymmetric 4-bit: q - z in int8
+        np.testing.assert_array_equal(found[0].astype(np.int32), q - zp)
     biases = [v for k, v in inits.items() if k.endswith("bias_int32")]
     assert len(biases) == 3 and all(b.dtype == np.int32 for b in biases)
 

@@ -37,7 +37,7 @@ from torch import nn
 from ..nn.modules import QuantModule, quant_layers
 from ..nn.prepare import set_module
 
-__all__ = ["ExportInfo", "export_onnx", "ort_session", "optimized_op_counts", "QDQLayer"]
+__all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_session", "optimized_op_counts", "QDQLayer"]
 
 log = logging.getLogger(__name__)
 INT32_MAX = 2**31 - 1
@@ -52,6 +52,32 @@ class ExportInfo:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _TensorQDQ:
+    """Per-tensor QDQ of an active quantizer: clip to the b-bit grid, then 8-bit QDQ."""
+
+    scale: float
+    zp: int
+    lim: tuple[int, int]
+    clip: tuple[float, float] | None
+
+    @staticmethod
+    def of(q: Any) -> _TensorQDQ | None:
+        if q is None or not q.active:
+            return None
+        s, z = q.qparams()
+        spec = q.spec
+        scale, zp = float(s.item()), int(z.item())
+        lim = (-128, 127) if spec.symmetric else (0, 255)
+        clip = None if spec.bits == 8 else ((spec.qmin - zp) * scale, (spec.qmax - zp) * scale)
+        return _TensorQDQ(scale, zp, lim, clip)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip is not None:
+            x = torch.clamp(x, self.clip[0], self.clip[1])
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zp, *self.lim)
+
+
 class QDQLayer(nn.Module):
     """Export-time stand-in for a QuantModule: traces to Clip/QDQ(input), QDQ(weight), float op.
 
@@ -62,43 +88,48 @@ class QDQLayer(nn.Module):
     def __init__(self, layer: QuantModule) -> None:
         super().__init__()
         self.layer = layer
-        self.act = layer.a_quant.active
+        self.act = _TensorQDQ.of(layer.a_quant)
+        self.out = _TensorQDQ.of(layer.o_quant)
         self.wq = layer.w_quant.active
-        if self.act:
-            s, z = layer.a_quant.qparams()
-            spec = layer.a_quant.spec
-            self.a_scale, self.a_zp = float(s.item()), int(z.item())
-            self.a_lim = (-128, 127) if spec.symmetric else (0, 255)
-            lo, hi = (spec.qmin - self.a_zp) * self.a_scale, (spec.qmax - self.a_zp) * self.a_scale
-            self.a_clip = None if spec.bits == 8 else (lo, hi)
         with torch.no_grad():
             w = layer.w_quant(layer.weight) if self.wq else layer.weight
         self.register_buffer("w_dq", w.detach().clone())
         if self.wq:
             s, z = layer.w_quant.qparams()
             self.register_buffer("w_scale", s.clone())
-            self.register_buffer("w_zp", z.to(torch.int32))
-            self.w_lim = (-128, 127) if layer.w_quant.spec.symmetric else (0, 255)
+            shifted = weight_container(layer) == "int8"  # symmetric, or asymmetric q - z in int8
+            self.register_buffer("w_zp", torch.zeros_like(z, dtype=torch.int32) if shifted
+                                 else z.to(torch.int32))
+            self.w_lim = (-128, 127) if shifted else (0, 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act:
-            if self.a_clip is not None:
-                x = torch.clamp(x, self.a_clip[0], self.a_clip[1])
-            x = torch.fake_quantize_per_tensor_affine(x, self.a_scale, self.a_zp, *self.a_lim)
+        if self.act is not None:
+            x = self.act(x)
         w = self.w_dq
         if self.wq:
             w = torch.fake_quantize_per_channel_affine(w, self.w_scale, self.w_zp, 0, *self.w_lim)
-        return self.layer.op(x, w, self.layer.bias)
+        y = self.layer.op(x, w, self.layer.bias)
+        return y if self.out is None else self.out(y)
+
+
+def weight_container(layer: QuantModule) -> str:
+    """int8 (zero-point 0) for symmetric weights and for asymmetric weights of <= 7 bits, stored
+    as q - z (in [-(2^b - 1), 2^b - 1], exact); uint8 with per-channel zero-points for asymmetric
+    8-bit weights (exact, but ONNX Runtime runs that case on a slower U8U8 path)."""
+    spec = layer.w_quant.spec
+    return "int8" if spec.symmetric or spec.bits <= 7 else "uint8"
 
 
 def _layer_info(name: str, layer: QuantModule) -> dict[str, Any]:
     a, w = layer.a_quant, layer.w_quant
     a_type = ("int8" if a.spec.symmetric else "uint8") if a.active else "float"
-    w_type = ("int8" if w.spec.symmetric else "uint8") if w.active else "float"
+    w_type = weight_container(layer) if w.active else "float"
     return {"w_bits": w.spec.bits if w.active else 32, "a_bits": a.spec.bits if a.active else 32,
             "w_type": w_type, "a_type": a_type,
+            "w_zero_point": "per-channel" if w_type == "uint8" else "0",
             "a_container": "8-bit, clipped" if a.active and a.spec.bits < 8 else a_type,
-            "w_container": "8-bit" if w.active and w.spec.bits < 8 else w_type}
+            "o_quant": layer.o_quant.spec.bits if layer.o_quant is not None and layer.o_quant.active
+            else None}
 
 
 def deploy_copy(qmodel: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
@@ -131,6 +162,8 @@ class _Graph:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant":
             return self.nh.to_array(node.attribute[0].t)
+        if node is not None and node.op_type == "Identity":  # torch.onnx de-duplicates constants
+            return self.const(node.input[0])
         return None
 
     def add_init(self, array: np.ndarray, name: str) -> str:
@@ -252,7 +285,12 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: 
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     info = ExportInfo(path, layers, notes)
-    if any(v["a_container"] == "8-bit, clipped" or v["w_container"] == "8-bit" for v in layers.values()):
+    slow = [n for n, v in layers.items() if v["w_type"] == "uint8"]
+    if slow:
+        info.notes.append(f"{len(slow)} layers have asymmetric 8-bit weights, exported exactly as "
+                          "uint8 with per-channel zero-points; ONNX Runtime runs them on a slower "
+                          "path - quantize with w_symmetric=True for deployment")
+    if any(v["a_container"] == "8-bit, clipped" or v["w_bits"] < 8 for v in layers.values()):
         info.notes.append("sub-8-bit tensors are stored in 8-bit containers clipped to their grid "
                           "(ONNX Runtime does not fuse INT4/UINT4 QDQ into integer kernels)")
     log.info("exported %s: %d quantized layers, %d weight tensors as integers", path, len(layers),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
 from ..nn.modules import REGISTRY, QuantModule, quant_layers
 from ..nn.prepare import PTQState, _fold_all, set_module
@@ -64,7 +65,8 @@ def _layer_entry(layer: QuantModule) -> dict[str, Any]:
             "w_bits": w.bits, "w_symmetric": w.symmetric, "a_bits": a.bits,
             "a_symmetric": a.symmetric, "w_enabled": layer.w_quant.enabled,
             "a_enabled": layer.a_quant.enabled, "bias": layer.bias is not None,
-            "packed": layer.w_quant.active}
+            "packed": layer.w_quant.active,
+            "o_bits": layer.o_quant.spec.bits if layer.o_quant is not None else None}
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -108,7 +110,7 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"ptqkit": json.dumps(meta)})
+    save_file(tensors, str(tmp), metadata={"ptqkit": json.dumps(meta, separators=(",", ":"))})
     os.replace(tmp, path)
     return path
 
@@ -161,6 +163,8 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         q.w_quant.enabled, q.a_quant.enabled = entry["w_enabled"], entry["a_enabled"]
         if entry["bias"]:
             q.ensure_bias()
+        if entry.get("o_bits") is not None:
+            q.o_quant = Quantizer(QuantSpec(entry["o_bits"], symmetric=False))
         set_module(qmodel, name, q)
     if problems:
         raise ValueError("the checkpoint's map does not match the model: " + "; ".join(problems)
