@@ -116,7 +116,8 @@ def _ort_peer(method: str) -> Callable[[Suite, BenchConfig], dict[str, Any]]:
 
 def _deploy(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
     from .export.deploy_bench import deploy_row
-    return deploy_row(suite, cfg, METHODS["mse"](cfg))
+    # symmetric weights (ORT's fast U8S8 kernels) and output quantizers so every conv is integer
+    return deploy_row(suite, cfg, cfg.recipe(w_symmetric=True).with_steps("int_outputs"))
 
 
 RUNNERS.update({m: _ort_peer(m) for m in ("ort-minmax", "ort-entropy", "ort-percentile")})

@@ -73,19 +73,37 @@ def _as_input(batch: Any) -> torch.Tensor:
     return batch if isinstance(batch, torch.Tensor) else batch[0]
 
 
+def _first_last_weights(onnx_path: Path) -> list[str]:
+    import onnx
+
+    names = [n.input[1] for n in onnx.load(str(onnx_path)).graph.node
+             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1]
+    return [names[0], names[-1]] if names else []
+
+
 def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str],
-                 calib: CalibrationData, method: str = "MinMax") -> Path:
-    """ONNX Runtime's own int8 static quantization: pre-processing, then QDQ, per-channel int8
-    weights, uint8 activations (its defaults otherwise), calibrated on ``calib``."""
+                 calib: CalibrationData, method: str = "MinMax", w_bits: int = 8, a_bits: int = 8,
+                 first_last_8bit: bool = True) -> Path:
+    """ONNX Runtime's own static quantization: its pre-processing, then QDQ with per-channel
+    signed weights and unsigned activations (int8/uint8, or ORT's INT4/UINT4 types at 4 bits;
+    first and last weights int8 when ``first_last_8bit``), calibrated on ``calib``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    types = {8: (QuantType.QInt8, QuantType.QUInt8), 4: (QuantType.QInt4, QuantType.QUInt4)}
+    if w_bits not in types or a_bits not in types:
+        raise ValueError(f"ONNX Runtime quantizes to 8 or 4 bits, got W{w_bits}A{a_bits}")
     out = Path(out)
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(float_onnx), str(pre))
+    extra: dict[str, Any] = {}
+    if first_last_8bit and w_bits != 8:
+        extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt8}]
+                                         for w in _first_last_weights(pre)}
     quantize_static(str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod[method])
+                    per_channel=True, activation_type=types[a_bits][1],
+                    weight_type=types[w_bits][0], calibrate_method=CalibrationMethod[method],
+                    extra_options=extra)
     pre.unlink(missing_ok=True)
     return out
 
@@ -143,14 +161,12 @@ def _example(suite: Any, n: int = 64) -> torch.Tensor:
 
 def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
     """Bench row of ONNX Runtime's own static quantization (``method`` in ORT_CALIBRATORS)."""
-    if (cfg.w_bits, cfg.a_bits) != (8, 8):
-        raise ValueError(f"{method}: ONNX Runtime's int8 quantizer is benchmarked at W8A8 only, "
-                         f"got W{cfg.w_bits}A{cfg.a_bits}; run it with --w-bits 8 --a-bits 8")
     calib = suite.calib(cfg.calib_size, cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         fp = export_float(suite.float_model, Path(tmp) / "float.onnx", _example(suite, 1))
         t0 = time.perf_counter()
-        qp = ort_quantize(fp, Path(tmp) / "ort.onnx", calib, ORT_CALIBRATORS[method])
+        qp = ort_quantize(fp, Path(tmp) / "ort.onnx", calib, ORT_CALIBRATORS[method], cfg.w_bits,
+                          cfg.a_bits, cfg.first_last_8bit)
         seconds = time.perf_counter() - t0
         res = suite.evaluate(OrtModule(qp))
         kernels = integer_kernels(qp)
@@ -158,7 +174,8 @@ def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
             "delta": res["top1"] - res["fp32_top1"], "agreement": res["agreement"], "kl": res["kl"],
             "seconds": seconds, "int_kernels": kernels["int_kernels"],
             "recipe": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-                       "per_channel": True, "weights": "int8", "activations": "uint8",
+                       "per_channel": True, "weights": f"int{cfg.w_bits}",
+                       "activations": f"uint{cfg.a_bits}", "first_last_8bit": cfg.first_last_8bit,
                        "calibrate_method": ORT_CALIBRATORS[method], "pre_process": True}}
 
 
