@@ -213,13 +213,27 @@ def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = Non
                  "ort": ort_quantize(out / "float.onnx", out / "ort_int8.onnx", calib)}
         info = export_onnx(qmodel, out / "ptqkit.onnx", _example(suite, 1))
         paths["ours"] = info.path
+        sizes = checkpoint_sizes(suite.float_model, qmodel, out)
         row = {"fp32_top1": suite.fp32_top1, **parity(qmodel, info.path, suite.x_test, suite.y_test),
                "method": "deploy (mse ranges)",
-               "export_notes": info.notes,
+               "export_notes": info.notes, **sizes,
                **_sizes_and_latency(paths, _example(suite, max(spec.batches)), spec),
                "latency": {"threads": spec.threads, "warmup": spec.warmup, "repeats": spec.repeats},
                "recipe": recipe.to_dict()}
     return row
+
+
+def checkpoint_sizes(float_model: nn.Module, qmodel: nn.Module, out: Path) -> dict[str, Any]:
+    """Bytes of the float state_dict (safetensors) and of the packed quantized checkpoint."""
+    from safetensors.torch import save_file
+
+    from .packed import save
+
+    save_file({k: v.contiguous() for k, v in float_model.state_dict().items()},
+              str(out / "float.safetensors"))
+    packed = save(qmodel, out / "ptqkit.packed.safetensors")
+    fb, pb = (out / "float.safetensors").stat().st_size, packed.stat().st_size
+    return {"float_ckpt_bytes": fb, "packed_bytes": pb, "packed_over_float": pb / fb}
 
 
 def parity(qmodel: nn.Module, onnx_path: str | os.PathLike[str], x: torch.Tensor,

@@ -59,14 +59,39 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(stream, axis=1, bitorder="little").reshape(-1)
 
 
-def _layer_entry(layer: QuantModule) -> dict[str, Any]:
+_ENTRY = ("type", "shape", "w_bits", "w_symmetric", "a_bits", "a_symmetric", "w_enabled",
+          "a_enabled", "bias", "packed", "o_bits")
+
+
+def _layer_entry(layer: QuantModule) -> list[Any]:
+    """One layer of the map as a list in ``_ENTRY`` order (compact JSON)."""
     w, a = layer.w_quant.spec, layer.a_quant.spec
-    return {"type": type(layer).__name__, "shape": list(layer.weight.shape),
-            "w_bits": w.bits, "w_symmetric": w.symmetric, "a_bits": a.bits,
-            "a_symmetric": a.symmetric, "w_enabled": layer.w_quant.enabled,
-            "a_enabled": layer.a_quant.enabled, "bias": layer.bias is not None,
-            "packed": layer.w_quant.active,
-            "o_bits": layer.o_quant.spec.bits if layer.o_quant is not None else None}
+    return [type(layer).__name__, list(layer.weight.shape), w.bits, w.symmetric, a.bits,
+            a.symmetric, layer.w_quant.enabled, layer.a_quant.enabled, layer.bias is not None,
+            layer.w_quant.active, layer.o_quant.spec.bits if layer.o_quant is not None else None]
+
+
+def _entries(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: dict(zip(_ENTRY, e)) for n, e in meta["layers"].items()}
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
+    """(key, dtype, numel) of every stored tensor, in the order they are concatenated."""
+    return [(k, str(tensors[k].dtype).removeprefix("torch."), tensors[k].numel())
+            for k in sorted(tensors)]
+
+
+def _buckets(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate all tensors of one dtype (sorted by key) into one flat tensor per dtype: one
+    safetensors header entry per dtype instead of one per tensor keeps small models small."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for key, dtype, _ in _layout(tensors):
+        parts.setdefault(f"data.{dtype}", []).append(tensors[key].reshape(-1))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _layout_digest(layout: list[tuple[str, str, int]]) -> str:
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -101,16 +126,17 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
         raise ValueError("save expects a quantized model (from ptqkit.quantize); it has no "
                          "quantized layer")
     tensors = _packed_tensors(qmodel, layers)
+    buckets = _buckets(tensors)
     recipe = getattr(getattr(qmodel, "report", None), "recipe", None)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "recipe": recipe,
             "layer_order": list(getattr(getattr(qmodel, "ptq", None), "layer_order", []) or layers),
             "layers": {n: _layer_entry(m) for n, m in layers.items()},
-            "sha256": _digest(tensors)}
+            "layout": _layout_digest(_layout(tensors)), "sha256": _digest(buckets)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"ptqkit": json.dumps(meta, separators=(",", ":"))})
+    save_file(buckets, str(tmp), metadata={"ptqkit": json.dumps(meta, separators=(",", ":"))})
     os.replace(tmp, path)
     return path
 
@@ -150,7 +176,7 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     folded = _fold_all(qmodel, state)
     mods = dict(qmodel.named_modules())
     problems = []
-    for name, entry in meta["layers"].items():
+    for name, entry in _entries(meta).items():
         mod = mods.get(name)
         qcls = REGISTRY.get(type(mod)) if mod is not None else None
         if qcls is None or qcls.__name__ != entry["type"] or list(mod.weight.shape) != entry["shape"]:
@@ -176,9 +202,37 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     return qmodel
 
 
-def _unpacked_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _expected_layout(qmodel: nn.Module, meta: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """The layout ``save`` writes for this skeleton (shapes from the model, bits from the map)."""
+    layout = {k: (str(v.dtype).removeprefix("torch."), v.numel()) for k, v in qmodel.state_dict().items()}
+    for name, e in _entries(meta).items():
+        if e["packed"]:
+            numel = layout.pop(f"{name}.weight")[1]
+            layout[f"{name}.weight.packed"] = ("uint8", -(-numel * e["w_bits"] // 8))
+            layout[f"{name}.w_quant.zero_point"] = ("int8" if e["w_symmetric"] else "uint8",
+                                                    layout[f"{name}.w_quant.zero_point"][1])
+    return [(k, *layout[k]) for k in sorted(layout)]
+
+
+def _split(buckets: dict[str, torch.Tensor],
+           layout: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:
+    offsets = dict.fromkeys(buckets, 0)
+    out = {}
+    for key, dtype, numel in layout:
+        b = f"data.{dtype}"
+        out[key] = buckets[b][offsets[b]:offsets[b] + numel]
+        offsets[b] += numel
+    return out
+
+
+def _unpacked_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    qmodel: nn.Module) -> dict[str, torch.Tensor]:
     state = dict(tensors)
-    for name, entry in meta["layers"].items():
+    ref = qmodel.state_dict()
+    for key, value in list(state.items()):
+        if key in ref:
+            state[key] = value.reshape(ref[key].shape)
+    for name, entry in _entries(meta).items():
         if not entry["packed"]:
             continue
         spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
@@ -206,7 +260,12 @@ def load(path: str | os.PathLike[str],
     if not isinstance(model, nn.Module):
         model = model()
     qmodel = _skeleton(model, meta)
-    state = _unpacked_state(tensors, meta)
+    layout = _expected_layout(qmodel, meta)
+    if _layout_digest(layout) != meta.get("layout"):
+        raise ValueError("the checkpoint does not match the model: its tensors (names, dtypes, "
+                         "sizes) differ from what this architecture needs; pass the same "
+                         "architecture the checkpoint was saved from")
+    state = _unpacked_state(_split(tensors, layout), meta, qmodel)
     result = qmodel.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"the checkpoint does not match the model: missing {result.missing_keys}, "
