@@ -140,6 +140,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     methods += ["deploy"] if args.deploy else []
     rows = bench_mod.run_bench(args.suite, methods, cfg)
     print(bench_mod.markdown_table(rows))
+    if args.deploy:
+        from .export.deploy_bench import deploy_markdown
+        print(deploy_markdown(rows))
     if args.json:
         bench_mod.write_json(rows, args.json)
         print(f"wrote {args.json}")

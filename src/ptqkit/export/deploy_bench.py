@@ -25,7 +25,8 @@ from ..calib.data import CalibrationData
 from .onnx import export_onnx, optimized_op_counts, ort_session
 
 __all__ = ["LatencySpec", "export_float", "ort_quantize", "ort_predict", "latency_ms",
-           "ORT_CALIBRATORS", "ort_peer_row", "deploy_row", "integer_kernels", "OrtModule", "parity"]
+           "ORT_CALIBRATORS", "ort_peer_row", "deploy_row", "integer_kernels", "OrtModule", "parity",
+           "deploy_markdown"]
 
 log = logging.getLogger(__name__)
 ORT_CALIBRATORS = {"ort-minmax": "MinMax", "ort-entropy": "Entropy", "ort-percentile": "Percentile"}
@@ -245,3 +246,20 @@ def parity(qmodel: nn.Module, onnx_path: str | os.PathLike[str], x: torch.Tensor
     return {"sim_top1": top1(sim, y), "onnx_top1": top1(ort_, y), "quant_top1": top1(ort_, y),
             "parity_delta": top1(ort_, y) - top1(sim, y),
             "onnx_vs_sim_agreement": 100.0 * float((sim.argmax(1) == ort_.argmax(1)).float().mean())}
+
+
+def deploy_markdown(rows: list[dict[str, Any]]) -> str:
+    """Latency / size / parity summary of deploy rows (ms, median; sizes in KB)."""
+    head = ("| suite | W/A | fp32 | sim top1 | onnx top1 | agree % | model | b1 ms | b64 ms | "
+            "KB | int kernels |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if "ours_bytes" not in r:
+            continue
+        for tag in ("float", "ort", "ours"):
+            lines.append(
+                f"| {r['suite']} | W{r['w_bits']}A{r['a_bits']} | {r['fp32_top1']:.2f} | "
+                f"{r['sim_top1']:.2f} | {r['onnx_top1']:.2f} | {r['onnx_vs_sim_agreement']:.2f} | "
+                f"{tag} | {r[f'{tag}_latency_b1_ms']:.2f} | {r[f'{tag}_latency_b64_ms']:.1f} | "
+                f"{r[f'{tag}_bytes'] / 1024:.0f} | {r[f'{tag}_kernels']['int_kernels']} |")
+    return "\n".join(lines)
