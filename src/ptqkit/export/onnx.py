@@ -242,6 +242,40 @@ def _quantize_biases(gr: _Graph) -> list[str]:
     return notes
 
 
+def _dq_range(gr: _Graph, tensor: str) -> tuple[float, float] | None:
+    """[lo, hi] a per-tensor DequantizeLinear output can take, or None."""
+    node = gr.producer.get(tensor)
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return None
+    scale, zp = gr.const(node.input[1]), gr.const(node.input[2])
+    if scale is None or zp is None or scale.size != 1:
+        return None
+    info = np.iinfo(zp.dtype)
+    z = int(zp.reshape(-1)[0])
+    return float(scale.reshape(-1)[0]) * (info.min - z), float(scale.reshape(-1)[0]) * (info.max - z)
+
+
+def _drop_noop_activations(gr: _Graph) -> int:
+    """Bypass Relu / Clip(0, 6) whose input is a DequantizeLinear already inside their range
+    (an output quantizer calibrated after the activation): exact, saves a float pass."""
+    dropped = 0
+    for node in list(gr.g.node):
+        rng = _dq_range(gr, node.input[0]) if node.op_type in ("Relu", "Clip") else None
+        if rng is None:
+            continue
+        lo_hi = (0.0, np.inf) if node.op_type == "Relu" else tuple(
+            float(v) if (v := gr.const(i)) is not None else np.nan for i in node.input[1:3])
+        if len(lo_hi) != 2 or not (lo_hi[0] <= rng[0] and rng[1] <= lo_hi[1]):
+            continue
+        if node.output[0] in {o.name for o in gr.g.output}:
+            continue
+        for c in gr.consumers(node.output[0]):
+            c.input[:] = [node.input[0] if i == node.output[0] else i for i in c.input]
+        gr.g.node.remove(node)
+        dropped += 1
+    return dropped
+
+
 def _remove_unused_initializers(gr: _Graph) -> None:
     used = {i for n in gr.g.node for i in n.input} | {o.name for o in gr.g.output}
     for t in list(gr.g.initializer):
@@ -281,6 +315,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: 
     folded = _fold_weight_quantizers(gr)
     gr = _Graph(model)
     notes = _quantize_biases(gr)
+    _drop_noop_activations(gr)
     _remove_unused_initializers(gr)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
