@@ -115,9 +115,8 @@ def _ort_peer(method: str) -> Callable[[Suite, BenchConfig], dict[str, Any]]:
 
 
 def _deploy(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
-    from .export.deploy_bench import deploy_row
-    # symmetric weights (ORT's fast U8S8 kernels) and output quantizers so every conv is integer
-    return deploy_row(suite, cfg, cfg.recipe(w_symmetric=True).with_steps("int_outputs"))
+    from .export.deploy_bench import deploy_recipe, deploy_row
+    return deploy_row(suite, cfg, deploy_recipe(suite, cfg))
 
 
 RUNNERS.update({m: _ort_peer(m) for m in ("ort-minmax", "ort-entropy", "ort-percentile")})
