@@ -119,6 +119,22 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}
 
 
+def _ort_peer(method: str) -> Callable[[Suite, BenchConfig], dict[str, Any]]:
+    def run(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
+        from .export.deploy_bench import ort_peer_row  # lazy: onnx is an optional dependency
+        return ort_peer_row(suite, cfg, method)
+    return run
+
+
+def _deploy(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
+    from .export.deploy_bench import deploy_recipe, deploy_row
+    return deploy_row(suite, cfg, deploy_recipe(suite, cfg))
+
+
+RUNNERS.update({m: _ort_peer(m) for m in ("ort-minmax", "ort-entropy", "ort-percentile")})
+RUNNERS["deploy"] = _deploy
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -156,14 +156,33 @@ def _calib_study(args: argparse.Namespace, methods: list[str], cfg: bench_mod.Be
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
                                 args.calib_size, args.seed, args.data_dir)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    methods += ["deploy"] if args.deploy else []
     if args.calib_sizes:
         return _calib_study(args, methods, cfg)
     rows = bench_mod.run_bench(args.suite, methods, cfg)
     print(bench_mod.markdown_table(rows))
+    if args.deploy:
+        from .export.deploy_bench import deploy_markdown
+        print(deploy_markdown(rows))
     if args.json:
         bench_mod.write_json(rows, args.json)
         print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export.onnx import export_onnx
+    from .export.packed import save
+
+    qmodel, _, _ = load_run(args.run_dir)
+    if not (args.onnx or args.packed):
+        raise ValueError("nothing to export: pass --onnx FILE and/or --packed FILE")
+    if args.onnx:
+        info = export_onnx(qmodel, args.onnx, torch.load(Path(args.run_dir) / "example.pt"))
+        print(f"wrote {info.path}" + "".join(f"\n  note: {n}" for n in info.notes))
+    if args.packed:
+        print(f"wrote {save(qmodel, args.packed)}")
     return 0
 
 
@@ -196,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark suite")
     b.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench_mod.SUITES))}")
-    b.add_argument("--methods", required=True, help="comma-separated method names")
+    b.add_argument("--methods", help="comma-separated method names")
+    b.add_argument("--deploy", action="store_true", help="add ONNX Runtime latency/size/parity row")
     b.add_argument("--w-bits", type=int, default=4)
     b.add_argument("--a-bits", type=int, default=4)
     b.add_argument("--no-first-last-8bit", action="store_true")
@@ -209,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default="calib_study.png", help="where the study writes its plot")
     b.set_defaults(func=cmd_bench)
     add_sweep_parser(sub)
+
+    x = sub.add_parser("export", help="export a run directory to ONNX (QDQ) and/or a packed checkpoint")
+    x.add_argument("run_dir")
+    x.add_argument("--onnx", help="output .onnx file")
+    x.add_argument("--packed", help="output packed .safetensors checkpoint")
+    x.set_defaults(func=cmd_export)
     return p
 
 

@@ -60,6 +60,8 @@ class QuantModule(nn.Module):
                                  weight.shape[0])
         self.a_quant = Quantizer(QuantSpec(a_spec.bits, a_spec.symmetric, "tensor"))
         self.folded_bn: FoldedBN | None = None
+        # optional output quantizer (set by the "int_outputs" step for integer deployment)
+        self.o_quant: Quantizer | None = None
 
     @property
     def out_channels(self) -> int:
@@ -85,7 +87,8 @@ class QuantModule(nn.Module):
         return self.w_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(self.a_quant(x), self.w_quant(self.weight), self.bias)
+        y = self.op(self.a_quant(x), self.w_quant(self.weight), self.bias)
+        return y if self.o_quant is None else self.o_quant(y)
 
     def ensure_bias(self) -> nn.Parameter:
         """Create a zero bias if the layer has none (BN folding and bias correction need one)."""

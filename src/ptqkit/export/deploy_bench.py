@@ -1,0 +1,286 @@
+"""Deployment benchmark: ONNX Runtime latency and file size of float / ptqkit / ORT-int8 models,
+and ONNX Runtime's own static quantization as a peer method (``ort-minmax`` ...).
+
+Latency protocol: CPU execution provider, ``threads`` intra-op threads, all graph optimisations;
+per batch size, ``warmup`` runs are discarded and the median of ``repeats`` timed runs is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..calib.data import CalibrationData
+from .onnx import export_onnx, optimized_op_counts, ort_session
+
+__all__ = ["LatencySpec", "export_float", "ort_quantize", "ort_predict", "latency_ms",
+           "ORT_CALIBRATORS", "ort_peer_row", "deploy_row", "integer_kernels", "OrtModule", "parity",
+           "deploy_recipe",
+           "deploy_markdown"]
+
+log = logging.getLogger(__name__)
+ORT_CALIBRATORS = {"ort-minmax": "MinMax", "ort-entropy": "Entropy", "ort-percentile": "Percentile"}
+INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    threads: int = 2
+    batches: tuple[int, ...] = (1, 64)
+    warmup: int = 5
+    repeats: int = 30
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.repeats < 1 or self.warmup < 0 or not self.batches:
+            raise ValueError(f"invalid LatencySpec {self}: threads, repeats >= 1, warmup >= 0, "
+                             "at least one batch size")
+
+
+def export_float(model: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor,
+                 opset: int = 17) -> Path:
+    """torch.onnx export of the float model (TorchScript exporter, dynamic batch axis)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example_input,), str(path), opset_version=opset,
+                          dynamo=False, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          do_constant_folding=True)
+    return path
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a CalibrationData (tensor batches)."""
+
+    def __init__(self, calib: CalibrationData) -> None:
+        self._it = iter([{"input": _as_input(b).numpy()} for b in calib])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def _as_input(batch: Any) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else batch[0]
+
+
+def _first_last_weights(onnx_path: Path) -> list[str]:
+    import onnx
+
+    names = [n.input[1] for n in onnx.load(str(onnx_path)).graph.node
+             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1]
+    return [names[0], names[-1]] if names else []
+
+
+def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str],
+                 calib: CalibrationData, method: str = "MinMax", w_bits: int = 8, a_bits: int = 8,
+                 first_last_8bit: bool = True) -> Path:
+    """ONNX Runtime's own static quantization: its pre-processing, then QDQ with per-channel
+    signed weights and unsigned activations (int8/uint8, or ORT's INT4/UINT4 types at 4 bits;
+    first and last weights int8 when ``first_last_8bit``), calibrated on ``calib``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    types = {8: (QuantType.QInt8, QuantType.QUInt8), 4: (QuantType.QInt4, QuantType.QUInt4)}
+    if w_bits not in types or a_bits not in types:
+        raise ValueError(f"ONNX Runtime quantizes to 8 or 4 bits, got W{w_bits}A{a_bits}")
+    out = Path(out)
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(float_onnx), str(pre))
+    extra: dict[str, Any] = {}
+    if first_last_8bit and w_bits != 8:
+        extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt8}]
+                                         for w in _first_last_weights(pre)}
+    quantize_static(str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=types[a_bits][1],
+                    weight_type=types[w_bits][0], calibrate_method=CalibrationMethod[method],
+                    extra_options=extra)
+    pre.unlink(missing_ok=True)
+    return out
+
+
+def ort_predict(path: str | os.PathLike[str], x: torch.Tensor, batch_size: int = 500,
+                threads: int = 2) -> torch.Tensor:
+    """Logits of the ONNX model on ``x`` (N, ...) with ONNX Runtime."""
+    sess = ort_session(path, threads)
+    outs = [sess.run(None, {"input": x[i:i + batch_size].numpy()})[0]
+            for i in range(0, len(x), batch_size)]
+    return torch.from_numpy(np.concatenate(outs))
+
+
+def latency_ms(path: str | os.PathLike[str], sample: torch.Tensor, spec: LatencySpec) -> dict[str, float]:
+    """Median latency (ms) per batch size; ``sample`` holds at least max(batches) inputs."""
+    sess = ort_session(path, spec.threads)
+    res = {}
+    for b in spec.batches:
+        feed = {"input": sample[:b].numpy()}
+        for _ in range(spec.warmup):
+            sess.run(None, feed)
+        times = []
+        for _ in range(spec.repeats):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        res[f"latency_b{b}_ms"] = 1000 * statistics.median(times)
+    return res
+
+
+def integer_kernels(path: str | os.PathLike[str]) -> dict[str, int]:
+    """How many integer kernels (QLinearConv, QGemm, ...) and float Conv/Gemm ORT really runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ops = optimized_op_counts(path, tmp)
+    float_ops = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "Gemm", "MatMul",
+                                                         "FusedGemm", "FusedMatMul"))
+    return {"int_kernels": sum(ops[k] for k in INT_KERNELS), "float_kernels": float_ops,
+            "ops": {k: ops[k] for k in INT_KERNELS if ops[k]}}
+
+
+class OrtModule(nn.Module):
+    """Wraps an ONNX Runtime session as a module (so evaluate() and predict() apply)."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 2) -> None:
+        super().__init__()
+        self.sess = ort_session(path, threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.sess.run(None, {"input": x.detach().numpy()})[0])
+
+
+def _example(suite: Any, n: int = 64) -> torch.Tensor:
+    return suite.x_test[:n].contiguous()
+
+
+def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
+    """Bench row of ONNX Runtime's own static quantization (``method`` in ORT_CALIBRATORS)."""
+    calib = suite.calib(cfg.calib_size, cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp = export_float(suite.float_model, Path(tmp) / "float.onnx", _example(suite, 1))
+        t0 = time.perf_counter()
+        qp = ort_quantize(fp, Path(tmp) / "ort.onnx", calib, ORT_CALIBRATORS[method], cfg.w_bits,
+                          cfg.a_bits, cfg.first_last_8bit)
+        seconds = time.perf_counter() - t0
+        res = suite.evaluate(OrtModule(qp))
+        kernels = integer_kernels(qp)
+    return {"fp32_top1": res.get("fp32_top1"), "quant_top1": res.get("top1"),
+            "delta": res["top1"] - res["fp32_top1"], "agreement": res["agreement"], "kl": res["kl"],
+            "seconds": seconds, "int_kernels": kernels["int_kernels"],
+            "recipe": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                       "per_channel": True, "weights": f"int{cfg.w_bits}",
+                       "activations": f"uint{cfg.a_bits}", "first_last_8bit": cfg.first_last_8bit,
+                       "calibrate_method": ORT_CALIBRATORS[method], "pre_process": True}}
+
+
+def _sizes_and_latency(paths: dict[str, Path], sample: torch.Tensor,
+                       spec: LatencySpec) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for tag, path in paths.items():
+        row[f"{tag}_bytes"] = path.stat().st_size
+        for k, v in latency_ms(path, sample, spec).items():
+            row[f"{tag}_{k}"] = v
+        row[f"{tag}_kernels"] = integer_kernels(path)
+    for b in spec.batches:
+        ours, ort_, fl = (row[f"{t}_latency_b{b}_ms"] for t in ("ours", "ort", "float"))
+        row[f"speedup_vs_float_b{b}"] = fl / ours
+        row[f"ours_over_ort_b{b}"] = ours / ort_
+    return row
+
+
+def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = None,
+               workdir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Parity, latency and file size of float / ptqkit / ORT-int8 ONNX models of one suite.
+
+    ``recipe`` quantizes the ptqkit model (exported with :func:`export_onnx`); ORT's int8 model
+    is quantize_static with MinMax calibration on the same calibration images.
+    """
+    from ..pipeline import quantize
+
+    spec = spec or LatencySpec()
+    calib = suite.calib(cfg.calib_size, cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(workdir or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
+        paths = {"float": export_float(suite.float_model, out / "float.onnx", _example(suite, 1)),
+                 "ort": ort_quantize(out / "float.onnx", out / "ort_int8.onnx", calib)}
+        info = export_onnx(qmodel, out / "ptqkit.onnx", _example(suite, 1))
+        paths["ours"] = info.path
+        sizes = checkpoint_sizes(suite.float_model, qmodel, out)
+        row = {"fp32_top1": suite.fp32_top1, **parity(qmodel, info.path, suite.x_test, suite.y_test),
+               "method": "deploy (mse, sym W<=7, int_outputs)",
+               "export_notes": info.notes, **sizes,
+               **_sizes_and_latency(paths, _example(suite, max(spec.batches)), spec),
+               "latency": {"threads": spec.threads, "warmup": spec.warmup, "repeats": spec.repeats},
+               "recipe": recipe.to_dict()}
+    return row
+
+
+def deploy_recipe(suite: Any, cfg: Any) -> Any:
+    """The recipe of the deployed ptqkit model for ``cfg`` (mse ranges, then int_outputs).
+
+    Weights are symmetric and at most 7 bits (ONNX Runtime's ``reduce_range``): its U8S8 kernels
+    on x86 CPUs without VNNI add pairs of u8 x s8 products in saturating int16, which full-range
+    int8 weights overflow (measured: 99.2% agreement with the simulated model at W8 vs 99.95% at
+    W7). With ``first_last_8bit`` the first and last layers keep 8-bit inputs and 7-bit weights.
+    """
+    from ..nn.prepare import LayerPolicy, prepare
+    from ..pipeline import Recipe
+
+    calib = suite.calib(cfg.calib_size, cfg.seed)
+    order = prepare(suite.float_model, LayerPolicy(),
+                    lambda m: calib.forward(m, calib.batches[0])).ptq.layer_order
+    w = min(cfg.w_bits, 7)
+    overrides = {order[0]: (7, 8), order[-1]: (7, 8)} if cfg.first_last_8bit else {}
+    return Recipe(w_bits=w, a_bits=cfg.a_bits, w_symmetric=True, first_last_8bit=False,
+                  overrides=overrides, seed=cfg.seed).with_steps("int_outputs")
+
+
+def checkpoint_sizes(float_model: nn.Module, qmodel: nn.Module, out: Path) -> dict[str, Any]:
+    """Bytes of the float state_dict (safetensors) and of the packed quantized checkpoint."""
+    from safetensors.torch import save_file
+
+    from .packed import save
+
+    save_file({k: v.contiguous() for k, v in float_model.state_dict().items()},
+              str(out / "float.safetensors"))
+    packed = save(qmodel, out / "ptqkit.packed.safetensors")
+    fb, pb = (out / "float.safetensors").stat().st_size, packed.stat().st_size
+    return {"float_ckpt_bytes": fb, "packed_bytes": pb, "packed_over_float": pb / fb}
+
+
+def parity(qmodel: nn.Module, onnx_path: str | os.PathLike[str], x: torch.Tensor,
+           y: torch.Tensor) -> dict[str, float]:
+    """Top-1 of the simulated and the ONNX Runtime model, and how often their predictions agree."""
+    from ..evaluate import predict, top1
+
+    sim, ort_ = predict(qmodel, x), predict(OrtModule(onnx_path), x)
+    return {"sim_top1": top1(sim, y), "onnx_top1": top1(ort_, y), "quant_top1": top1(ort_, y),
+            "parity_delta": top1(ort_, y) - top1(sim, y),
+            "onnx_vs_sim_agreement": 100.0 * float((sim.argmax(1) == ort_.argmax(1)).float().mean())}
+
+
+def deploy_markdown(rows: list[dict[str, Any]]) -> str:
+    """Latency / size / parity summary of deploy rows (ms, median; sizes in KB)."""
+    head = ("| suite | W/A | fp32 | sim top1 | onnx top1 | agree % | model | b1 ms | b64 ms | "
+            "KB | int kernels |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        if "ours_bytes" not in r:
+            continue
+        for tag in ("float", "ort", "ours"):
+            lines.append(
+                f"| {r['suite']} | W{r['w_bits']}A{r['a_bits']} | {r['fp32_top1']:.2f} | "
+                f"{r['sim_top1']:.2f} | {r['onnx_top1']:.2f} | {r['onnx_vs_sim_agreement']:.2f} | "
+                f"{tag} | {r[f'{tag}_latency_b1_ms']:.2f} | {r[f'{tag}_latency_b64_ms']:.1f} | "
+                f"{r[f'{tag}_bytes'] / 1024:.0f} | {r[f'{tag}_kernels']['int_kernels']} |")
+    return "\n".join(lines)

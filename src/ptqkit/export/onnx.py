@@ -1,0 +1,357 @@
+"""ONNX export in QDQ form for ONNX Runtime's integer kernels.
+
+Every quantizer of the simulated model becomes a QuantizeLinear/DequantizeLinear (QDQ) pair with
+the same scale and zero-point, at the same place:
+
+- layer input (``a_quant``, per tensor): uint8 (asymmetric) or int8 (symmetric) QDQ. A b-bit grid
+  with b < 8 is carried in the 8-bit container and clipped to its b-bit range by a ``Clip`` in
+  front of the QuantizeLinear (ONNX Runtime 1.32 does not fuse INT4/UINT4 QDQ into integer
+  kernels: such a Conv runs in float, so the 8-bit container is used).
+- weights (``w_quant``, per output channel, axis 0): an integer initializer followed by a
+  DequantizeLinear - int8 with zero-point 0 for symmetric weights, uint8 with the per-channel
+  zero-points for asymmetric weights (both exact: DQ gives the simulated weight bit for bit).
+- bias: int32 with scale s_x * s_w[c] and zero-point 0 (what ONNX Runtime's fused kernels read),
+  rounded half to even; the rounding error is at most s_x * s_w[c] / 2 per output.
+
+BatchNorm is already folded into the quantized layers by :func:`ptqkit.nn.prepare.prepare`.
+Residual adds, pooling and layers left in float stay float, as in the simulated model; a
+Conv/Gemm whose output is consumed by another QDQ pair is fused by ONNX Runtime into
+QLinearConv / QGemm, the others run as float kernels on exactly dequantized integers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..nn.modules import QuantModule, quant_layers
+from ..nn.prepare import set_module
+
+__all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_session", "optimized_op_counts", "QDQLayer"]
+
+log = logging.getLogger(__name__)
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class ExportInfo:
+    """What :func:`export_onnx` wrote: per-layer containers and notes for the report."""
+
+    path: Path
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _TensorQDQ:
+    """Per-tensor QDQ of an active quantizer: clip to the b-bit grid, then 8-bit QDQ."""
+
+    scale: float
+    zp: int
+    lim: tuple[int, int]
+    clip: tuple[float, float] | None
+
+    @staticmethod
+    def of(q: Any) -> _TensorQDQ | None:
+        if q is None or not q.active:
+            return None
+        s, z = q.qparams()
+        spec = q.spec
+        scale, zp = float(s.item()), int(z.item())
+        lim = (-128, 127) if spec.symmetric else (0, 255)
+        clip = None if spec.bits == 8 else ((spec.qmin - zp) * scale, (spec.qmax - zp) * scale)
+        return _TensorQDQ(scale, zp, lim, clip)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip is not None:
+            x = torch.clamp(x, self.clip[0], self.clip[1])
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zp, *self.lim)
+
+
+class QDQLayer(nn.Module):
+    """Export-time stand-in for a QuantModule: traces to Clip/QDQ(input), QDQ(weight), float op.
+
+    Numerically it computes what the QuantModule computes (same integer codes); the structure
+    is chosen so that torch.onnx emits QuantizeLinear/DequantizeLinear nodes.
+    """
+
+    def __init__(self, layer: QuantModule) -> None:
+        super().__init__()
+        self.layer = layer
+        self.act = _TensorQDQ.of(layer.a_quant)
+        self.out = _TensorQDQ.of(layer.o_quant)
+        self.wq = layer.w_quant.active
+        with torch.no_grad():
+            w = layer.w_quant(layer.weight) if self.wq else layer.weight
+        self.register_buffer("w_dq", w.detach().clone())
+        if self.wq:
+            s, z = layer.w_quant.qparams()
+            self.register_buffer("w_scale", s.clone())
+            shifted = weight_container(layer) == "int8"  # symmetric, or asymmetric q - z in int8
+            self.register_buffer("w_zp", torch.zeros_like(z, dtype=torch.int32) if shifted
+                                 else z.to(torch.int32))
+            self.w_lim = (-128, 127) if shifted else (0, 255)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        w = self.w_dq
+        if self.wq:
+            w = torch.fake_quantize_per_channel_affine(w, self.w_scale, self.w_zp, 0, *self.w_lim)
+        y = self.layer.op(x, w, self.layer.bias)
+        return y if self.out is None else self.out(y)
+
+
+def weight_container(layer: QuantModule) -> str:
+    """int8 (zero-point 0) for symmetric weights and for asymmetric weights of <= 7 bits, stored
+    as q - z (in [-(2^b - 1), 2^b - 1], exact); uint8 with per-channel zero-points for asymmetric
+    8-bit weights (exact, but ONNX Runtime runs that case on a slower U8U8 path)."""
+    spec = layer.w_quant.spec
+    return "int8" if spec.symmetric or spec.bits <= 7 else "uint8"
+
+
+def _layer_info(name: str, layer: QuantModule) -> dict[str, Any]:
+    a, w = layer.a_quant, layer.w_quant
+    a_type = ("int8" if a.spec.symmetric else "uint8") if a.active else "float"
+    w_type = weight_container(layer) if w.active else "float"
+    return {"w_bits": w.spec.bits if w.active else 32, "a_bits": a.spec.bits if a.active else 32,
+            "w_type": w_type, "a_type": a_type,
+            "w_zero_point": "per-channel" if w_type == "uint8" else "0",
+            "a_container": "8-bit, clipped" if a.active and a.spec.bits < 8 else a_type,
+            "o_quant": layer.o_quant.spec.bits if layer.o_quant is not None and layer.o_quant.active
+            else None}
+
+
+def deploy_copy(qmodel: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """A copy of ``qmodel`` with every QuantModule replaced by a :class:`QDQLayer`."""
+    model = copy.deepcopy(qmodel).eval()
+    layers = quant_layers(model)
+    info = {}
+    for name, layer in layers.items():
+        if layer.w_quant.active and layer.w_quant.spec.bits > 8:
+            raise ValueError(f"layer {name}: {layer.w_quant.spec.bits}-bit weights cannot be "
+                             "exported as 8-bit integers; use bits <= 8 or disable the quantizer")
+        info[name] = _layer_info(name, layer)
+        set_module(model, name, QDQLayer(layer))
+    return model, info
+
+
+class _Graph:
+    """Name lookups over an onnx.GraphProto (initializers and Constant nodes as constants)."""
+
+    def __init__(self, model: Any) -> None:
+        from onnx import numpy_helper
+
+        self.model, self.g, self.nh = model, model.graph, numpy_helper
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return self.nh.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return self.nh.to_array(node.attribute[0].t)
+        if node is not None and node.op_type == "Identity":  # torch.onnx de-duplicates constants
+            return self.const(node.input[0])
+        return None
+
+    def add_init(self, array: np.ndarray, name: str) -> str:
+        tensor = self.nh.from_array(array, name)
+        self.g.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+    def consumers(self, name: str) -> list[Any]:
+        return [n for n in self.g.node if name in n.input]
+
+
+def _axis(node: Any) -> int:
+    return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+
+def _quantize_np(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, axis: int) -> np.ndarray:
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zp) in zp's dtype."""
+    shape = [1] * x.ndim
+    if scale.ndim == 1:
+        shape[axis] = -1
+    s, z = scale.reshape(shape).astype(np.float32), zp.reshape(shape).astype(np.int64)
+    info = np.iinfo(zp.dtype)
+    return np.clip(np.rint(x / s) + z, info.min, info.max).astype(zp.dtype)
+
+
+def _fold_weight_quantizers(gr: _Graph) -> int:
+    """Replace QuantizeLinear(constant) by the integer initializer it computes."""
+    folded = 0
+    for node in list(gr.g.node):
+        if node.op_type != "QuantizeLinear":
+            continue
+        x, scale, zp = (gr.const(n) for n in node.input[:3])
+        if x is None or scale is None or zp is None:
+            continue
+        q = _quantize_np(x, scale, zp, _axis(node))
+        name = gr.add_init(q, node.output[0] + "_int")
+        for c in gr.consumers(node.output[0]):
+            c.input[:] = [name if i == node.output[0] else i for i in c.input]
+        gr.g.node.remove(node)
+        folded += 1
+    return folded
+
+
+def _dq_scale(gr: _Graph, tensor: str) -> np.ndarray | None:
+    node = gr.producer.get(tensor)
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    return gr.const(node.input[1])
+
+
+def _quantize_biases(gr: _Graph) -> list[str]:
+    """Float bias of a QDQ Conv/Gemm -> int32 initializer + DequantizeLinear(scale s_x * s_w)."""
+    notes = []
+    for node in list(gr.g.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or not node.input[2]:
+            continue
+        s_x, s_w, bias = _dq_scale(gr, node.input[0]), _dq_scale(gr, node.input[1]), None
+        if s_x is None or s_w is None or (bias := gr.const(node.input[2])) is None:
+            continue
+        scale = (np.float32(s_x) * s_w.astype(np.float32)).reshape(-1)
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32).copy()
+        q = np.rint(bias.astype(np.float64) / scale)
+        if np.abs(q).max() > INT32_MAX:
+            notes.append(f"{node.name}: bias saturated to int32 (bias / (s_x*s_w) too large)")
+        q = np.clip(q, -INT32_MAX - 1, INT32_MAX).astype(np.int32)
+        base = node.input[2]
+        q_name = gr.add_init(q, base + "_int32")
+        s_name = gr.add_init(scale, base + "_scale")
+        from onnx import helper
+
+        dq = helper.make_node("DequantizeLinear", [q_name, s_name], [base + "_dq"], axis=0,
+                              name=(node.name or base) + "_bias_dq")
+        gr.g.node.insert(list(gr.g.node).index(node), dq)
+        node.input[2] = base + "_dq"
+    return notes
+
+
+def _dq_range(gr: _Graph, tensor: str) -> tuple[float, float] | None:
+    """[lo, hi] a per-tensor DequantizeLinear output can take, or None."""
+    node = gr.producer.get(tensor)
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 3:
+        return None
+    scale, zp = gr.const(node.input[1]), gr.const(node.input[2])
+    if scale is None or zp is None or scale.size != 1:
+        return None
+    info = np.iinfo(zp.dtype)
+    z = int(zp.reshape(-1)[0])
+    return float(scale.reshape(-1)[0]) * (info.min - z), float(scale.reshape(-1)[0]) * (info.max - z)
+
+
+def _drop_noop_activations(gr: _Graph) -> int:
+    """Bypass Relu / Clip(0, 6) whose input is a DequantizeLinear already inside their range
+    (an output quantizer calibrated after the activation): exact, saves a float pass."""
+    dropped = 0
+    for node in list(gr.g.node):
+        rng = _dq_range(gr, node.input[0]) if node.op_type in ("Relu", "Clip") else None
+        if rng is None:
+            continue
+        lo_hi = (0.0, np.inf) if node.op_type == "Relu" else tuple(
+            float(v) if (v := gr.const(i)) is not None else np.nan for i in node.input[1:3])
+        if len(lo_hi) != 2 or not (lo_hi[0] <= rng[0] and rng[1] <= lo_hi[1]):
+            continue
+        if node.output[0] in {o.name for o in gr.g.output}:
+            continue
+        for c in gr.consumers(node.output[0]):
+            c.input[:] = [node.input[0] if i == node.output[0] else i for i in c.input]
+        gr.g.node.remove(node)
+        dropped += 1
+    return dropped
+
+
+def _remove_unused_initializers(gr: _Graph) -> None:
+    used = {i for n in gr.g.node for i in n.input} | {o.name for o in gr.g.output}
+    for t in list(gr.g.initializer):
+        if t.name not in used:
+            gr.g.initializer.remove(t)
+
+
+def _torch_export(model: nn.Module, example_input: torch.Tensor, path: str, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example_input,), path, opset_version=opset, dynamo=False,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          do_constant_folding=True)
+
+
+@torch.no_grad()
+def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: torch.Tensor,
+                opset: int = 17) -> ExportInfo:
+    """Write ``qmodel`` as a QDQ ONNX model that ONNX Runtime fuses into integer kernels.
+
+    qmodel: a model returned by :func:`ptqkit.quantize` (any module tree whose quantized layers
+    are QuantModules). example_input: one input batch (N, ...); the batch axis is dynamic.
+    Returns an :class:`ExportInfo` with the container type of every layer.
+    """
+    import onnx
+
+    if not quant_layers(qmodel):
+        raise ValueError("export_onnx expects a quantized model (from ptqkit.quantize); the model "
+                         "has no quantized layer")
+    deploy, layers = deploy_copy(qmodel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _torch_export(deploy, example_input, str(path), opset)
+    model = onnx.load(str(path))
+    gr = _Graph(model)
+    folded = _fold_weight_quantizers(gr)
+    gr = _Graph(model)
+    notes = _quantize_biases(gr)
+    _drop_noop_activations(gr)
+    _remove_unused_initializers(gr)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    info = ExportInfo(path, layers, notes)
+    slow = [n for n, v in layers.items() if v["w_type"] == "uint8"]
+    if slow:
+        info.notes.append(f"{len(slow)} layers have asymmetric 8-bit weights, exported exactly as "
+                          "uint8 with per-channel zero-points; ONNX Runtime runs them on a slower "
+                          "path - quantize with w_symmetric=True for deployment")
+    if any(v["a_container"] == "8-bit, clipped" or v["w_bits"] < 8 for v in layers.values()):
+        info.notes.append("sub-8-bit tensors are stored in 8-bit containers clipped to their grid "
+                          "(ONNX Runtime does not fuse INT4/UINT4 QDQ into integer kernels)")
+    log.info("exported %s: %d quantized layers, %d weight tensors as integers", path, len(layers),
+             folded)
+    return info
+
+
+def ort_session(path: str | os.PathLike[str], threads: int = 2,
+                optimized_path: str | None = None) -> Any:
+    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def optimized_op_counts(path: str | os.PathLike[str], workdir: str | os.PathLike[str]) -> Counter[str]:
+    """Op types of the graph ONNX Runtime actually runs (after its fusions), e.g. QLinearConv."""
+    import onnx
+
+    out = str(Path(workdir) / (Path(path).stem + ".ort-optimized.onnx"))
+    ort_session(path, threads=1, optimized_path=out)
+    return Counter(n.op_type for n in onnx.load(out).graph.node)

@@ -1,0 +1,273 @@
+"""Packed quantized checkpoint: integer weights at their bit width, in one safetensors file.
+
+Layout (format version 1):
+- tensors: for every quantized layer with active weights, ``<layer>.weight.packed`` (uint8: the
+  codes q - qmin as a little bit stream, ``bits`` bits per weight, so two 4-bit weights per byte)
+  and ``<layer>.w_quant.zero_point`` as uint8/int8; every other entry of the quantized model's
+  state_dict as is (per-channel scales, biases, activation qparams, float layers).
+- metadata ``ptqkit``: a JSON map with the format name and version, the recipe, the layer order,
+  per-layer type / shape / bits / symmetry, and a SHA-256 of all tensor bytes (detects corruption).
+
+Loading rebuilds the quantized model from the float architecture without data: BN is folded
+(giving the same module tree), the named layers are swapped, the stored values loaded. The
+weights are the dequantized integers s * (q - z); re-quantizing them gives q again, so outputs are
+bit-identical to the saved simulated model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.quantizer import Quantizer
+from ..core.spec import QuantSpec
+from ..nn.modules import REGISTRY, QuantModule, quant_layers
+from ..nn.prepare import PTQState, _fold_all, set_module
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "pack_bits", "unpack_bits", "save", "load"]
+
+FORMAT, FORMAT_VERSION = "ptqkit-packed", 1
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integer codes (N,) in [0, 2^bits) into a uint8 bit stream of ceil(N*bits/8)."""
+    codes = np.asarray(codes, dtype=np.uint8).reshape(-1)
+    if codes.size and int(codes.max()) >= 2**bits:
+        raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
+    if bits == 8:
+        return codes.copy()
+    stream = np.unpackbits(codes[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(stream.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: (count,) uint8 codes."""
+    if bits == 8:
+        return np.asarray(packed, dtype=np.uint8)[:count].copy()
+    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")
+    if stream.size < count * bits:
+        raise ValueError(f"packed weights hold {stream.size // bits} values, expected {count}")
+    stream = stream[:count * bits].reshape(count, bits)
+    return np.packbits(stream, axis=1, bitorder="little").reshape(-1)
+
+
+_ENTRY = ("type", "shape", "w_bits", "w_symmetric", "a_bits", "a_symmetric", "w_enabled",
+          "a_enabled", "bias", "packed", "o_bits")
+
+
+def _layer_entry(layer: QuantModule) -> list[Any]:
+    """One layer of the map as a list in ``_ENTRY`` order (compact JSON)."""
+    w, a = layer.w_quant.spec, layer.a_quant.spec
+    return [type(layer).__name__, list(layer.weight.shape), w.bits, w.symmetric, a.bits,
+            a.symmetric, layer.w_quant.enabled, layer.a_quant.enabled, layer.bias is not None,
+            layer.w_quant.active, layer.o_quant.spec.bits if layer.o_quant is not None else None]
+
+
+def _entries(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: dict(zip(_ENTRY, e)) for n, e in meta["layers"].items()}
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
+    """(key, dtype, numel) of every stored tensor, in the order they are concatenated."""
+    return [(k, str(tensors[k].dtype).removeprefix("torch."), tensors[k].numel())
+            for k in sorted(tensors)]
+
+
+def _buckets(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate all tensors of one dtype (sorted by key) into one flat tensor per dtype: one
+    safetensors header entry per dtype instead of one per tensor keeps small models small."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for key, dtype, _ in _layout(tensors):
+        parts.setdefault(f"data.{dtype}", []).append(tensors[key].reshape(-1))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def _layout_digest(layout: list[tuple[str, str, int]]) -> str:
+    return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _packed_tensors(qmodel: nn.Module, layers: dict[str, QuantModule]) -> dict[str, torch.Tensor]:
+    tensors = {k: v.detach().contiguous().clone() for k, v in qmodel.state_dict().items()}
+    for name, layer in layers.items():
+        if not layer.w_quant.active:
+            continue
+        spec = layer.w_quant.spec
+        codes = layer.w_quant.int_repr(layer.weight.detach()) - spec.qmin
+        packed = pack_bits(codes.numpy().astype(np.uint8), spec.bits)
+        del tensors[f"{name}.weight"]
+        tensors[f"{name}.weight.packed"] = torch.from_numpy(packed)
+        zp_type = torch.int8 if spec.symmetric else torch.uint8  # the zero-point is on the grid
+        tensors[f"{name}.w_quant.zero_point"] = layer.w_quant.qparams()[1].to(zp_type)
+    return tensors
+
+
+def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write ``qmodel`` (from :func:`ptqkit.quantize`) as a packed checkpoint; returns the path."""
+    from safetensors.torch import save_file
+
+    layers = quant_layers(qmodel)
+    if not layers:
+        raise ValueError("save expects a quantized model (from ptqkit.quantize); it has no "
+                         "quantized layer")
+    tensors = _packed_tensors(qmodel, layers)
+    buckets = _buckets(tensors)
+    recipe = getattr(getattr(qmodel, "report", None), "recipe", None)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "recipe": recipe,
+            "layer_order": list(getattr(getattr(qmodel, "ptq", None), "layer_order", []) or layers),
+            "layers": {n: _layer_entry(m) for n, m in layers.items()},
+            "layout": _layout_digest(_layout(tensors)), "sha256": _digest(buckets)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(buckets, str(tmp), metadata={"ptqkit": json.dumps(meta, separators=(",", ":"))})
+    os.replace(tmp, path)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"packed checkpoint {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("ptqkit")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types on bad headers/data
+        raise ValueError(f"{path} is corrupted or truncated (not a readable safetensors file: "
+                         f"{exc}); save the model again with ptqkit.save") from exc
+    if raw is None:
+        raise ValueError(f"{path} has no ptqkit map in its metadata; it was not written by "
+                         "ptqkit.save")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {meta.get('format')!r} version "
+                         f"{meta.get('format_version')!r} is not supported (expected {FORMAT!r} "
+                         f"version {FORMAT_VERSION}); save it again with this ptqkit version")
+    if _digest(tensors) != meta.get("sha256"):
+        raise ValueError(f"{path} is corrupted: its tensor data does not match the stored SHA-256;"
+                         " save the model again with ptqkit.save")
+    return tensors, meta
+
+
+def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
+    """BN-folded copy of ``model`` with the map's layers swapped for quantized ones (no data)."""
+    import copy
+
+    qmodel = copy.deepcopy(model).eval()
+    state = PTQState()
+    folded = _fold_all(qmodel, state)
+    mods = dict(qmodel.named_modules())
+    problems = []
+    for name, entry in _entries(meta).items():
+        mod = mods.get(name)
+        qcls = REGISTRY.get(type(mod)) if mod is not None else None
+        if qcls is None or qcls.__name__ != entry["type"] or list(mod.weight.shape) != entry["shape"]:
+            found = "missing" if mod is None else f"{type(mod).__name__}{list(mod.weight.shape)}"
+            problems.append(f"{name} (map: {entry['type']}{entry['shape']}, model: {found})")
+            continue
+        w_spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
+        q = qcls(mod, w_spec, QuantSpec(entry["a_bits"], entry["a_symmetric"]))
+        q.folded_bn = folded.get(name)
+        q.w_quant.enabled, q.a_quant.enabled = entry["w_enabled"], entry["a_enabled"]
+        if entry["bias"]:
+            q.ensure_bias()
+        if entry.get("o_bits") is not None:
+            q.o_quant = Quantizer(QuantSpec(entry["o_bits"], symmetric=False))
+        set_module(qmodel, name, q)
+    if problems:
+        raise ValueError("the checkpoint's map does not match the model: " + "; ".join(problems)
+                         + "; pass the same architecture the checkpoint was saved from")
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    state.layer_order = list(meta["layer_order"])
+    qmodel.ptq = state  # type: ignore[assignment]
+    return qmodel
+
+
+def _expected_layout(qmodel: nn.Module, meta: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """The layout ``save`` writes for this skeleton (shapes from the model, bits from the map)."""
+    layout = {k: (str(v.dtype).removeprefix("torch."), v.numel()) for k, v in qmodel.state_dict().items()}
+    for name, e in _entries(meta).items():
+        if e["packed"]:
+            numel = layout.pop(f"{name}.weight")[1]
+            layout[f"{name}.weight.packed"] = ("uint8", -(-numel * e["w_bits"] // 8))
+            layout[f"{name}.w_quant.zero_point"] = ("int8" if e["w_symmetric"] else "uint8",
+                                                    layout[f"{name}.w_quant.zero_point"][1])
+    return [(k, *layout[k]) for k in sorted(layout)]
+
+
+def _split(buckets: dict[str, torch.Tensor],
+           layout: list[tuple[str, str, int]]) -> dict[str, torch.Tensor]:
+    offsets = dict.fromkeys(buckets, 0)
+    out = {}
+    for key, dtype, numel in layout:
+        b = f"data.{dtype}"
+        out[key] = buckets[b][offsets[b]:offsets[b] + numel]
+        offsets[b] += numel
+    return out
+
+
+def _unpacked_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(tensors)
+    ref = qmodel.state_dict()
+    for key, value in list(state.items()):
+        if key in ref:
+            state[key] = value.reshape(ref[key].shape)
+    for name, entry in _entries(meta).items():
+        if not entry["packed"]:
+            continue
+        spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
+        count = int(np.prod(entry["shape"]))
+        codes = unpack_bits(state.pop(f"{name}.weight.packed").numpy(), spec.bits, count)
+        q = torch.from_numpy(codes.astype(np.float32) + spec.qmin).reshape(entry["shape"])
+        zp = state[f"{name}.w_quant.zero_point"].to(torch.float32)
+        scale = state[f"{name}.w_quant.scale"].clamp(min=1e-8)
+        shape = [-1] + [1] * (q.dim() - 1)
+        state[f"{name}.w_quant.zero_point"] = zp
+        state[f"{name}.weight"] = (q - zp.reshape(shape)) * scale.reshape(shape)
+    return state
+
+
+def load(path: str | os.PathLike[str],
+         model_factory_or_float_model: nn.Module | Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild the quantized model saved by :func:`save`.
+
+    model_factory_or_float_model: the float architecture (an nn.Module, or a callable returning
+    one); its weights are not used. Raises ValueError on a corrupted/truncated file, a wrong format
+    version, or a map that does not match the model.
+    """
+    tensors, meta = _read(Path(path))
+    model = model_factory_or_float_model
+    if not isinstance(model, nn.Module):
+        model = model()
+    qmodel = _skeleton(model, meta)
+    layout = _expected_layout(qmodel, meta)
+    if _layout_digest(layout) != meta.get("layout"):
+        raise ValueError("the checkpoint does not match the model: its tensors (names, dtypes, "
+                         "sizes) differ from what this architecture needs; pass the same "
+                         "architecture the checkpoint was saved from")
+    state = _unpacked_state(_split(tensors, layout), meta, qmodel)
+    result = qmodel.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"the checkpoint does not match the model: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+    return qmodel

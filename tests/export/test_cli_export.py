@@ -1,0 +1,42 @@
+"""`ptqkit export RUN_DIR --onnx FILE --packed FILE`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ptqkit.cli import main
+from ptqkit.runs import load_run
+from tests.test_cli import user_model  # noqa: F401  (fixture)
+
+pytest.importorskip("onnxruntime")
+
+
+def test_export_run_dir(user_model, tmp_path: Path, capsys) -> None:  # noqa: F811
+    net, weights, calib = user_model
+    run = tmp_path / "run"
+    assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+                 "--range", "minmax", "--out", str(run)]) == 0
+    onnx_path, packed = tmp_path / "m.onnx", tmp_path / "m.safetensors"
+    assert main(["export", str(run), "--onnx", str(onnx_path), "--packed", str(packed)]) == 0
+    assert onnx_path.is_file() and packed.is_file()
+    from ptqkit.export.onnx import ort_session
+
+    qmodel, _, _ = load_run(run)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        sim = qmodel(x).numpy()
+    out = ort_session(onnx_path).run(None, {"input": x.numpy()})[0]
+    assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / 255
+
+
+def test_export_needs_a_target(user_model, tmp_path: Path, capsys) -> None:  # noqa: F811
+    net, weights, calib = user_model
+    run = tmp_path / "run"
+    main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+          "--range", "minmax", "--out", str(run)])
+    assert main(["export", str(run)]) != 0
+    assert "nothing to export" in capsys.readouterr().err
