@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import range_init  # noqa: F401
+from . import embeddings, range_init  # noqa: F401
 from .base import STEPS, Context, Report, Step, register_step
 
 __all__ = ["STEPS", "Context", "Report", "Step", "register_step"]
