@@ -399,13 +399,14 @@ def _probe_and_float(model: nn.Module, tokenizer: Any, split: TweetSplit, x_test
 
 
 def text_minilm_suite(config: TextSuiteConfig | None = None, model: nn.Module | None = None,
-                      tokenizer: Any = None) -> TextSuite:
-    """The ``text-minilm`` benchmark suite (MiniLM + tweets unless a model/tokenizer is given)."""
+                      tokenizer: Any = None, split: TweetSplit | None = None) -> TextSuite:
+    """The ``text-minilm`` benchmark suite: MiniLM and the tweet split unless a model, tokenizer
+    or split is given (tests pass a tiny model and a toy split)."""
     config = config or TextSuiteConfig()
     model = model if model is not None else load_minilm()
     tokenizer = tokenizer if tokenizer is not None else load_minilm_tokenizer()
     check_tokenizer(tokenizer, model)
-    split = tweet_split(config.test_per_class, config.seed)
+    split = split or tweet_split(config.test_per_class, config.seed)
     x_test = encode_texts(tokenizer, split.test_texts, model, config.batch_size)
     cached = _probe_and_float(model, tokenizer, split, x_test, config)
     calib = text_calibration(split, tokenizer, model, config.calib_size, config.seed,
