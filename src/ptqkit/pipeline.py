@@ -15,14 +15,12 @@ from torch import nn
 
 from .algorithms import STEPS
 from .algorithms.base import Context, Report, options_from_dict
-from .calib.capture import record_io
 from .calib.data import CalibrationData
-from .calib.loss import sqnr_db
-from .nn.control import quantizers_disabled
+from .evaluate import layer_sqnr
 from .nn.modules import quant_layers
 from .nn.prepare import LayerPolicy, prepare
 
-__all__ = ["Recipe", "StepSpec", "PRESETS", "quantize"]
+__all__ = ["Recipe", "StepSpec", "PRESETS", "quantize", "layer_bits", "rebuild"]
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
@@ -146,21 +144,6 @@ def _as_calib(calib: Any, recipe: Recipe) -> CalibrationData:
     return CalibrationData(calib, recipe.calib_size)
 
 
-@torch.no_grad()
-def layer_sqnr(qmodel: nn.Module, calib: CalibrationData, batches: int = 1) -> dict[str, float]:
-    """SQNR (dB) of every quantized layer's output in the quantized model vs the float model."""
-    layers = quant_layers(qmodel)
-    some = list(calib)[:batches]
-    with record_io(layers, inputs=False, outputs=True) as q_out:
-        for b in some:
-            calib.forward(qmodel, b)
-    with quantizers_disabled(qmodel), record_io(layers, inputs=False, outputs=True) as f_out:
-        for b in some:
-            calib.forward(qmodel, b)
-    return {n: sqnr_db(torch.cat(f_out[n + ":out"]), torch.cat(q_out[n + ":out"]))
-            for n in layers if n + ":out" in q_out}
-
-
 def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Tensor,
              recipe: Recipe | None = None,
              forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> nn.Module:
@@ -198,4 +181,31 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
         report.layer(name)["sqnr_db"] = value
     report.steps.append({"step": "total", "seconds": time.perf_counter() - t0})
     qmodel.report = report  # type: ignore[assignment]
+    return qmodel
+
+
+def layer_bits(qmodel: nn.Module) -> dict[str, tuple[int, int]]:
+    """{layer name: (w_bits, a_bits)} of a quantized model, in execution order."""
+    return {n: (m.w_bits, m.a_bits) for n, m in quant_layers(qmodel).items()}
+
+
+def rebuild(model: nn.Module, recipe: Recipe, bits: dict[str, tuple[int, int]],
+            example_input: Any, forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+            ) -> nn.Module:
+    """An empty quantized skeleton of ``model`` matching a saved run: same layers and bits.
+
+    Load the saved state dict into it afterwards. ``example_input``: one batch the model accepts
+    (used to record the layer order).
+    """
+    data = CalibrationData([example_input], forward_fn=forward_fn)
+    policy = dataclasses.replace(recipe.policy(), overrides={}, first_last_8bit=False)
+    qmodel = prepare(model, policy, lambda m: data.forward(m, data.batches[0]))
+    layers = quant_layers(qmodel)
+    missing = sorted(set(bits) - set(layers))
+    if missing:
+        raise ValueError(f"the saved run names layers the model does not have: {missing}; "
+                         "was it saved from a different model?")
+    for name, (w, a) in bits.items():
+        layers[name].w_quant.set_spec(layers[name].w_quant.spec.with_bits(int(w)))
+        layers[name].a_quant.set_spec(layers[name].a_quant.spec.with_bits(int(a)))
     return qmodel

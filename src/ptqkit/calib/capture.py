@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -14,7 +14,7 @@ __all__ = ["record_io", "collect_input_samples"]
 
 
 @contextmanager
-def record_io(modules: dict[str, nn.Module], inputs: bool = True,
+def record_io(modules: Mapping[str, nn.Module], inputs: bool = True,
               outputs: bool = False) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Record (detached) first-argument inputs and/or outputs of the given modules.
 
@@ -38,7 +38,7 @@ def record_io(modules: dict[str, nn.Module], inputs: bool = True,
 
 
 @torch.no_grad()
-def collect_input_samples(model: nn.Module, modules: dict[str, nn.Module], data: CalibrationData,
+def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], data: CalibrationData,
                           max_samples: int = 1 << 20, seed: int = 0) -> dict[str, torch.Tensor]:
     """One pass over ``data``: a random subsample of every module's input values.
 
@@ -63,7 +63,7 @@ def collect_input_samples(model: nn.Module, modules: dict[str, nn.Module], data:
     for name, mod in modules.items():
         handles.append(mod.register_forward_pre_hook(hook(name)))
     try:
-        data.run_all(model)
+        data.run_all(model, desc="activation statistics")
     finally:
         for h in handles:
             h.remove()

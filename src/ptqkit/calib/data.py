@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 __all__ = ["CalibrationData", "default_forward", "batch_size_of"]
 
@@ -96,10 +97,11 @@ class CalibrationData:
     def has_labels(self) -> bool:
         return self.labels(self.batches[0]) is not None
 
-    def run_all(self, model: nn.Module) -> None:
-        """One forward pass over every batch (used by statistics collection)."""
+    def run_all(self, model: nn.Module, desc: str | None = None) -> None:
+        """One forward pass over every batch (used by statistics collection); a progress bar
+        named ``desc`` is shown on a terminal."""
         with torch.no_grad():
-            for batch in self.batches:
+            for batch in tqdm(self.batches, desc=desc, leave=False, disable=None):
                 self.forward(model, batch)
 
 

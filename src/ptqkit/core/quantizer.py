@@ -19,6 +19,8 @@ class Quantizer(nn.Module):
     (``initialized`` False) or while ``enabled`` is False the module is the identity.
     """
 
+    initialized: torch.Tensor
+
     def __init__(self, spec: QuantSpec, channels: int = 1) -> None:
         super().__init__()
         self.spec = spec

@@ -1,0 +1,208 @@
+"""Command line: parse -> Recipe -> the same API a Python user calls."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import bench as bench_mod
+from .calib.data import CalibrationData
+from .pipeline import PRESETS, Recipe, quantize
+from .runs import ModelSource, load_run, save_run
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe (flags override --recipe)")
+    g.add_argument("--recipe", help="YAML recipe file")
+    g.add_argument("--pipeline", choices=sorted(PRESETS), help="recipe preset")
+    g.add_argument("--w-bits", type=int, help="weight bits (2..8)")
+    g.add_argument("--a-bits", type=int, help="activation bits (2..8)")
+    g.add_argument("--range", dest="range_", help="range method for weights and activations")
+    g.add_argument("--w-range", help="range method for weights")
+    g.add_argument("--a-range", help="range method for activations")
+    g.add_argument("--no-first-last-8bit", action="store_true",
+                   help="quantize the first and last layers at the base bits too")
+    g.add_argument("--include", action="append", help="fnmatch pattern of layers to quantize")
+    g.add_argument("--exclude", action="append", help="fnmatch pattern of layers to keep float")
+    g.add_argument("--override", action="append", metavar="NAME=W,A",
+                   help="per-layer bits, e.g. layer1.0.conv1=8,8")
+    g.add_argument("--seed", type=int)
+
+
+def _parse_override(text: str) -> tuple[str, list[int]]:
+    name, sep, bits = text.partition("=")
+    try:
+        w, a = (int(b) for b in bits.split(","))
+    except ValueError:
+        raise ValueError(f"--override {text!r}: expected NAME=W,A such as conv1=8,8") from None
+    if not sep or not name:
+        raise ValueError(f"--override {text!r}: expected NAME=W,A such as conv1=8,8")
+    return name, [w, a]
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Start from the YAML recipe or preset, then apply the flags that were given."""
+    base = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    if args.pipeline:
+        base = Recipe.preset(args.pipeline, **{k: v for k, v in base.to_dict().items() if k != "steps"})
+    d: dict[str, Any] = base.to_dict()
+    for flag, key in (("w_bits", "w_bits"), ("a_bits", "a_bits"), ("seed", "seed"),
+                      ("w_range", "w_range"), ("a_range", "a_range")):
+        if getattr(args, flag) is not None:
+            d[key] = getattr(args, flag)
+    if args.range_:
+        d["w_range"] = d["a_range"] = args.range_
+    if args.no_first_last_8bit:
+        d["first_last_8bit"] = False
+    if args.include:
+        d["include"] = args.include
+    if args.exclude:
+        d["exclude"] = list(d["exclude"]) + args.exclude
+    if args.override:
+        d["overrides"] = {**d["overrides"], **dict(_parse_override(o) for o in args.override)}
+    return Recipe.from_dict(d)
+
+
+def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) -> CalibrationData:
+    n = args.calib_size or 1000
+    if args.calib:
+        path = Path(args.calib)
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} does not exist")
+        x = (torch.from_numpy(__import__("numpy").load(path)) if path.suffix == ".npy"
+             else torch.load(path, map_location="cpu", weights_only=True))
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{path} must hold one tensor of inputs (N, ...), got {type(x).__name__}")
+        return CalibrationData(x.float(), limit=n)
+    if source.spec.startswith("fmnist-"):
+        from .zoo import fmnist_calibration
+
+        return fmnist_calibration(n, recipe.seed, args.data_dir)
+    raise ValueError(f"model {source.spec} needs calibration inputs: pass --calib FILE "
+                     "(.pt tensor or .npy array of shape (N, ...))")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    source = ModelSource(args.model, args.weights)
+    model = source.load()
+    calib = _calibration(args, source, recipe)
+    qmodel = quantize(model, calib, recipe)
+    example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
+    if example is None:
+        raise ValueError("saving a run needs tensor calibration batches")
+    out = save_run(args.out, qmodel, source, recipe, example, force=args.force)
+    print(qmodel.report)
+    print(f"wrote {out}/ (quantized.pt, report.json, recipe.yaml, run.json)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    qmodel, float_model, meta = load_run(args.run_dir)
+    if not str(meta["model"]).startswith("fmnist-"):
+        raise ValueError("eval knows the test split of the fmnist-* zoo models only; "
+                         "use ptqkit.evaluate.evaluate() from Python for other models")
+    from .zoo import fmnist_test
+
+    x, y = fmnist_test(args.data_dir)
+    res = evaluate(qmodel, float_model, x, y)
+    print(bench_mod.markdown_table([{"model": meta["model"], **res}],
+                                   ("model", "fp32_top1", "top1", "agreement", "kl")))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = bench_mod.BenchConfig(data_dir=args.data_dir)
+    suite = bench_mod.SUITES["fmnist-resnet20"](cfg)
+    rows = []
+    for w, a in ((8, 8), (4, 4)):
+        c = bench_mod.BenchConfig(w_bits=w, a_bits=a, data_dir=args.data_dir)
+        rows.append(bench_mod.run_method(suite, args.method, c))
+    print(f"\nptqkit demo: fmnist-resnet20, {args.method} ranges, first/last layers 8-bit, "
+          "1000 unlabeled calibration images, 10k test images\n")
+    print(bench_mod.markdown_table(rows))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
+                                args.calib_size, args.seed, args.data_dir)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = bench_mod.run_bench(args.suite, methods, cfg)
+    print(bench_mod.markdown_table(rows))
+    if args.json:
+        bench_mod.write_json(rows, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptqkit", description="Post-training quantization of PyTorch models")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a run directory")
+    q.add_argument("model", help="zoo name (fmnist-resnet20, fmnist-mobilenetv2) or file.py:factory")
+    q.add_argument("--weights", help="state dict (.pt/.pth/.safetensors) for file.py:factory models")
+    q.add_argument("--calib", help="calibration inputs: .pt tensor or .npy array (N, ...)")
+    q.add_argument("--calib-size", type=int, help="number of calibration samples (default 1000)")
+    q.add_argument("--data-dir", help="Fashion-MNIST folder (for zoo models)")
+    q.add_argument("--out", required=True, help="output run directory")
+    q.add_argument("--force", action="store_true", help="replace an existing --out")
+    _add_recipe_flags(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a run directory on the test split")
+    e.add_argument("run_dir")
+    e.add_argument("--data-dir")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="quantize fmnist-resnet20 at W8A8 and W4A4 and compare with float")
+    d.add_argument("--data-dir")
+    d.add_argument("--method", default="mse", help="bench method to demonstrate")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="run a benchmark suite")
+    b.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench_mod.SUITES))}")
+    b.add_argument("--methods", required=True, help="comma-separated method names")
+    b.add_argument("--w-bits", type=int, default=4)
+    b.add_argument("--a-bits", type=int, default=4)
+    b.add_argument("--no-first-last-8bit", action="store_true")
+    b.add_argument("--calib-size", type=int, default=1000)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--data-dir")
+    b.add_argument("--json", help="write the rows as JSON here")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("ptqkit: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; --debug shows the traceback
+        if args.debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"ptqkit: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

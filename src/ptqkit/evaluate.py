@@ -1,0 +1,81 @@
+"""Model quality: top-1, agreement with the float model, KL to float logits, per-layer SQNR."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calib.capture import record_io
+from .calib.data import CalibrationData
+from .calib.loss import kl_to_float, sqnr_db
+from .nn.control import quantizers_disabled
+from .nn.modules import quant_layers
+
+__all__ = ["predict", "evaluate", "layer_sqnr", "top1", "compression_ratio"]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500,
+            desc: str | None = None) -> torch.Tensor:
+    """Logits of ``model`` on inputs ``x`` (N, ...), computed in batches -> (N, classes)."""
+    model.eval()
+    chunks = x.split(batch_size)
+    bar = tqdm(chunks, desc=desc, leave=False, disable=desc is None or None)
+    return torch.cat([model(c) for c in bar])
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def evaluate(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
+             y: torch.Tensor | None = None, float_logits: torch.Tensor | None = None,
+             batch_size: int = 500) -> dict[str, Any]:
+    """Compare a quantized model with its float model on (x, y).
+
+    Returns top1 / fp32_top1 (percent, when labels are given), agreement (percent of samples
+    where the top-1 predictions agree) and kl (mean KL(float || quant) of the softmax outputs).
+    """
+    ref = float_logits if float_logits is not None else predict(float_model, x, batch_size)
+    out = predict(qmodel, x, batch_size, desc="evaluate")
+    res: dict[str, Any] = {
+        "agreement": 100.0 * float((out.argmax(1) == ref.argmax(1)).float().mean()),
+        "kl": float(kl_to_float(ref, out)),
+    }
+    if y is not None:
+        res["top1"], res["fp32_top1"] = top1(out, y), top1(ref, y)
+    return res
+
+
+@torch.no_grad()
+def layer_sqnr(qmodel: nn.Module, calib: CalibrationData, batches: int = 1) -> dict[str, float]:
+    """SQNR (dB) of every quantized layer's output in the quantized model vs the float model,
+    both fed the same model inputs (errors of earlier layers accumulate, as in deployment)."""
+    layers = quant_layers(qmodel)
+    some = list(calib)[:batches]
+    with record_io(layers, inputs=False, outputs=True) as q_out:
+        for b in some:
+            calib.forward(qmodel, b)
+    with quantizers_disabled(qmodel), record_io(layers, inputs=False, outputs=True) as f_out:
+        for b in some:
+            calib.forward(qmodel, b)
+    return {n: sqnr_db(torch.cat(f_out[n + ":out"]), torch.cat(q_out[n + ":out"]))
+            for n in layers if n + ":out" in q_out}
+
+
+def compression_ratio(qmodel: nn.Module) -> float:
+    """sum(params x bits) / (all params x 32): quantized weights at their bit width, everything
+    else (biases, unquantized layers, norms) at 32 bits. All-8-bit weights give ~0.25."""
+    layers = quant_layers(qmodel)
+    qweights = {id(m.weight): m.w_bits for m in layers.values() if m.w_quant.active}
+    bits = total = 0
+    for name, p in qmodel.named_parameters():
+        if name.endswith(("w_quant.scale", "w_quant.zero_point", "a_quant.scale", "a_quant.zero_point")):
+            continue  # quantization parameters are metadata, not model weights
+        bits += p.numel() * qweights.get(id(p), 32)
+        total += p.numel() * 32
+    return bits / total
