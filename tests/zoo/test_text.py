@@ -135,26 +135,49 @@ def test_probe_metrics_by_hand() -> None:
     float_emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.6, 0.8]])
     m = text.probe_metrics(emb, float_emb, torch.tensor([1, 0, 1, 1]), w, b)
-    # predictions 1, 0, 0, 1 (float: 1, 0, 1, 0); cosines 1, 1, 0, 0.8
-    assert m["probe_acc"] == m["top1"] == 0.75 and m["agreement"] == 0.5
+    # probe logits: quant 0.5, -0.5, -0.5, 0.1; float 0.5, -0.5, 0.5, -0.5; cosines 1, 1, 0, 0.8
+    assert m["top1"] == 75.0 and m["fp32_top1"] == 75.0 and m["agreement"] == 50.0
     assert m["cosine"] == pytest.approx(0.7) and m["cosine_min"] == 0.0
+    s = torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
+    kl_flip = s * torch.log(s / (1 - s)) + (1 - s) * torch.log((1 - s) / s)  # p=s vs q=1-s
+    q4 = torch.sigmoid(torch.tensor(0.1, dtype=torch.float64))
+    p4 = 1 - s
+    kl4 = p4 * torch.log(p4 / q4) + (1 - p4) * torch.log((1 - p4) / (1 - q4))
+    assert m["kl"] == pytest.approx(float(kl_flip + kl4) / 4)
 
 
 def test_suite_on_a_tiny_bert_quantizes_evaluates_and_caches(tok, tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     model = tiny_bert()
-    cfg = text.TextSuiteConfig(probe_per_class=30, calib_size=32, batch_size=16,
-                               cache_dir=str(tmp_path))
+    cfg = text.TextSuiteConfig(probe_per_class=30, batch_size=16, cache_dir=str(tmp_path))
     suite = text.text_minilm_suite(cfg, model, tok, toy_split())
-    assert suite.info["test"] == 40 and suite.info["probe_train"] == 60 and suite.calib.num_samples == 32
+    calib = suite.calib(32, 0)
+    assert suite.info["test"] == 40 and suite.info["probe_train"] == 60 and calib.num_samples == 32
+    assert suite.calib(32, 0) is calib
     assert len(list(tmp_path.glob("text-minilm-*.pt"))) == 1
     base = suite.evaluate(model)
-    assert base["cosine"] == pytest.approx(1.0) and base["agreement"] == 1.0
-    q = quantize(model, suite.calib, Recipe(w_bits=8, a_bits=8))
+    assert base["cosine"] == pytest.approx(1.0) and base["agreement"] == 100.0
+    assert base["top1"] == base["fp32_top1"] == suite.fp32_top1 and base["kl"] == 0.0
+    q = quantize(model, calib, Recipe(w_bits=8, a_bits=8))
     m = suite.evaluate(q)
-    assert m["cosine"] > 0.99 and m["agreement"] >= 0.9
+    assert m["cosine"] > 0.99 and m["agreement"] >= 90.0 and m["fp32_top1"] == base["top1"]
     again = text.text_minilm_suite(cfg, model, tok, toy_split())  # from the cache
     assert torch.equal(again.probe_w, suite.probe_w) and torch.equal(again.float_test, suite.float_test)
+
+
+def test_bench_runs_a_method_on_a_text_suite(tok, tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    from ptqkit import bench
+
+    assert "text-minilm" in bench.SUITES
+    model = tiny_bert()
+    cfg = text.TextSuiteConfig(probe_per_class=30, batch_size=16, cache_dir=str(tmp_path))
+    suite = text.text_minilm_suite(cfg, model, tok, toy_split())
+    row = bench.run_method(suite, "minmax", bench.BenchConfig(w_bits=8, a_bits=8, calib_size=24))
+    assert row["calib_size"] == 24 and row["fp32_top1"] == suite.fp32_top1
+    assert row["cosine"] > 0.99 and 0.25 < row["compression"] < 1.0
+    table = bench.markdown_table([row])
+    assert "| cosine |" in table and "text-minilm" in table
 
 
 # ---------------------------------------------------------------- real packages

@@ -25,7 +25,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,13 +308,18 @@ def fit_probe(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[t
 
 def probe_metrics(emb: torch.Tensor, float_emb: torch.Tensor, labels: torch.Tensor,
                   w: torch.Tensor, b: float) -> dict[str, float]:
-    """Probe accuracy of ``emb`` (N, D), agreement with the float probe decisions, and cosine
-    similarity to ``float_emb`` (N, D): mean and minimum over the texts."""
-    pred = (emb @ w + b > 0).long()
-    float_pred = (float_emb @ w + b > 0).long()
+    """Metrics of embeddings ``emb`` (N, D) against the float ones ``float_emb`` (N, D), in the
+    keys ``ptqkit.bench`` reads: top1 / fp32_top1 = probe accuracy (percent) of emb / float_emb,
+    agreement = percent of texts where both get the same probe decision, kl = mean KL(float ||
+    quant) of the probe's Bernoulli outputs, cosine / cosine_min = mean / worst cosine similarity."""
+    logit, float_logit = emb @ w + b, float_emb @ w + b
+    p, q = torch.sigmoid(float_logit.double()), torch.sigmoid(logit.double())
+    kl = p * (p.log() - q.log()) + (1 - p) * ((1 - p).log() - (1 - q).log())
     cos = F.cosine_similarity(emb, float_emb, dim=-1)
-    acc = float((pred == labels).float().mean())
-    return {"top1": acc, "probe_acc": acc, "agreement": float((pred == float_pred).float().mean()),
+    pct = lambda mask: 100.0 * float(mask.float().mean())  # noqa: E731
+    return {"top1": pct((logit > 0).long() == labels),
+            "fp32_top1": pct((float_logit > 0).long() == labels),
+            "agreement": pct((logit > 0) == (float_logit > 0)), "kl": float(kl.mean()),
             "cosine": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
@@ -327,36 +332,48 @@ class TextSuiteConfig:
 
     test_per_class: int = 1000
     probe_per_class: int = 2000
-    calib_size: int = 512
     batch_size: int = 64
     seed: int = 0
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("test_per_class", "probe_per_class", "calib_size", "batch_size"):
+        for name in ("test_per_class", "probe_per_class", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
 class TextSuite:
-    """A float encoder, its calibration data, the encoded test tweets, the probe and the float
-    test embeddings; ``evaluate(model)`` gives the metrics of any encoder with the same tokenizer."""
+    """The text benchmark with the interface of ``ptqkit.bench.Suite`` (duck-typed; zoo does not
+    import bench): ``calib(n, seed)`` gives ``n`` unlabeled train tweets, ``evaluate(model)`` the
+    probe metrics of any encoder that shares the float model's tokenizer."""
 
     name: str
     float_model: nn.Module
-    calib: CalibrationData
     x_test: EncodedTexts
     y_test: torch.Tensor
     probe_w: torch.Tensor
     probe_b: float
     float_test: torch.Tensor
+    make_calib: Callable[[int, int], CalibrationData]
     info: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] = sentence_embedding
+
+    def calib(self, n: int = 512, seed: int = 0) -> CalibrationData:
+        key = f"calib-{n}-{seed}"
+        if key not in self.cache:
+            self.cache[key] = self.make_calib(n, seed)
+        return self.cache[key]
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         # the float embeddings were computed from this very model on this split (cached)
         emb = self.float_test if model is self.float_model else embed(model, self.x_test)
         return probe_metrics(emb, self.float_test, self.y_test, self.probe_w, self.probe_b)
+
+    @property
+    def fp32_top1(self) -> float:
+        return self.evaluate(self.float_model)["fp32_top1"]
 
 
 def _cache_dir(config: TextSuiteConfig) -> Path:
@@ -394,7 +411,9 @@ def _probe_and_float(model: nn.Module, tokenizer: Any, split: TweetSplit, x_test
     data = {"w": w, "b": torch.tensor(b), "float_test": embed(model, x_test),
             "train_acc": torch.tensor(train_acc)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(data, path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)  # never a half-written cache file
     return data
 
 
@@ -409,13 +428,13 @@ def text_minilm_suite(config: TextSuiteConfig | None = None, model: nn.Module | 
     split = split or tweet_split(config.test_per_class, config.seed)
     x_test = encode_texts(tokenizer, split.test_texts, model, config.batch_size)
     cached = _probe_and_float(model, tokenizer, split, x_test, config)
-    calib = text_calibration(split, tokenizer, model, config.calib_size, config.seed,
-                             config.batch_size)
+    make_calib = lambda n, seed: text_calibration(split, tokenizer, model, n, seed,  # noqa: E731
+                                                  config.batch_size)
     info = {"train": len(split.train_texts), "test": len(split.test_texts),
-            "probe_train": 2 * config.probe_per_class, "calib": calib.num_samples,
-            "probe_train_acc": float(cached["train_acc"])}
-    return TextSuite("text-minilm", model, calib, x_test, split.test_labels, cached["w"],
-                     float(cached["b"]), cached["float_test"], info)
+            "probe_train": 2 * config.probe_per_class,
+            "probe_train_acc": 100.0 * float(cached["train_acc"])}
+    return TextSuite("text-minilm", model, x_test, split.test_labels, cached["w"],
+                     float(cached["b"]), cached["float_test"], make_calib, info)
 
 
 MODELS = {"minilm": load_minilm}
