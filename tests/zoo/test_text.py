@@ -205,9 +205,12 @@ def test_tweet_split_sizes_are_fixed() -> None:
 @pytest.mark.text
 def test_minilm_loads_offline_and_embeds() -> None:
     _need_text_packages()
-    model, tokenizer = text.load_minilm(), text.load_minilm_tokenizer()
+    from ptqkit.zoo import load_model
+
+    model, tokenizer = load_model("minilm"), text.load_minilm_tokenizer()
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 36  # no pooler
     text.check_tokenizer(tokenizer, model)
+    assert text.max_length_for(tokenizer, model) == 256
     with torch.no_grad():
         emb = text.sentence_embedding(model, text.tokenize(
             tokenizer, ["I love this movie", "I really like this film", "the stock market fell"],

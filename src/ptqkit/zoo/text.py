@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import warnings
@@ -102,9 +103,15 @@ def load_minilm() -> nn.Module:
 
 
 def load_minilm_tokenizer() -> Any:
-    """The model's own (uncased WordPiece) tokenizer."""
+    """The model's own (uncased WordPiece) tokenizer, limited to the sequence length the sentence
+    model was trained with (sentence_bert_config.json: 256 tokens)."""
+    path = minilm_path()
     with _quiet_transformers():
-        return _transformers().AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+        tok = _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True)
+    st_config = path / "sentence_bert_config.json"
+    limit = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+    tok.model_max_length = int(limit or MAX_LENGTH)
+    return tok
 
 
 def check_tokenizer(tokenizer: Any, model: nn.Module) -> None:
