@@ -69,7 +69,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
         acc = evaluate(model, xte, yte)
         log.append(f"epoch {epoch + 1}: train loss {total / steps_per_epoch:.4f}, "
                    f"test top-1 {acc:.2f}%, {time.time() - t0:.0f}s")
