@@ -94,9 +94,18 @@ def _fmnist_suite(name: str) -> Callable[[BenchConfig], Suite]:
     return make
 
 
+def _text_suite(cfg: BenchConfig) -> Suite:
+    """text-minilm (zoo/text.py): MiniLM + tweets, probe accuracy and cosine to float; protocol
+    calibration is 512 train tweets (--calib-size 512). Duck-types Suite."""
+    from .zoo.text import TextSuiteConfig, text_minilm_suite
+
+    return text_minilm_suite(TextSuiteConfig(seed=cfg.seed))  # type: ignore[return-value]
+
+
 SUITES: dict[str, Callable[[BenchConfig], Suite]] = {
     "fmnist-resnet20": _fmnist_suite("fmnist-resnet20"),
     "fmnist-mobilenetv2": _fmnist_suite("fmnist-mobilenetv2"),
+    "text-minilm": _text_suite,
 }
 
 METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
@@ -160,7 +169,12 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
             "delta": _delta(res), "agreement": res["agreement"], "kl": res["kl"],
             "compression": compression_ratio(qmodel), "seconds": seconds,
             "cpu_seconds": cpu_seconds,
-            "peak_rss_mb": peak_rss_mb(), "recipe": recipe.to_dict()}
+            "peak_rss_mb": peak_rss_mb(), "recipe": recipe.to_dict(), **_extra_metrics(res)}
+
+
+def _extra_metrics(res: dict[str, Any]) -> dict[str, Any]:
+    """Suite-specific metrics beyond top1/agreement/kl (e.g. text-minilm's cosine)."""
+    return {k: v for k, v in res.items() if k not in ("top1", "fp32_top1", "agreement", "kl")}
 
 
 def _delta(res: dict[str, Any]) -> float | None:
@@ -187,9 +201,11 @@ def run_bench(suite_name: str, methods: list[str], cfg: BenchConfig) -> list[dic
 
 _COLUMNS = ("suite", "method", "w_bits", "a_bits", "fp32_top1", "quant_top1", "delta", "agreement",
             "compression", "seconds")
+_OPTIONAL_COLUMNS = ("cosine",)  # shown when a suite reports it
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = _COLUMNS) -> str:
+    columns += tuple(c for c in _OPTIONAL_COLUMNS if c not in columns and any(c in r for r in rows))
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 1 else f"{v:.2f}"

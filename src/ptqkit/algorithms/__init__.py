@@ -8,6 +8,7 @@ from . import (  # noqa: F401
     bias_tuning,
     bit_allocation,
     bn_tuning,
+    embeddings,
     lapq,
     mixed_precision,
     range_init,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -15,10 +15,11 @@ Batch = Any
 
 
 def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Tensor -> model(t); (x, y, ...) -> model(x); dict -> model(**dict) (Hugging Face style)."""
+    """Tensor -> model(t); (x, y, ...) -> model(x); mapping -> model(**mapping) (Hugging Face style,
+    e.g. a tokenizer's BatchEncoding, which is a Mapping but not a dict)."""
     if isinstance(batch, torch.Tensor):
         return model(batch)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)) and batch:
         return model(batch[0])
@@ -29,7 +30,7 @@ def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:
 def batch_size_of(batch: Batch) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return batch_size_of(next(iter(batch.values())))
     if isinstance(batch, (tuple, list)) and batch:
         return batch_size_of(batch[0])
@@ -39,7 +40,7 @@ def batch_size_of(batch: Batch) -> int:
 def _slice(batch: Batch, n: int) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch[:n]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: _slice(v, n) for k, v in batch.items()}
     return type(batch)(_slice(b, n) for b in batch)
 
@@ -88,7 +89,7 @@ class CalibrationData:
     def labels(self, batch: Batch) -> torch.Tensor | None:
         if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], torch.Tensor):
             return batch[1]
-        if isinstance(batch, dict) and isinstance(batch.get("labels"), torch.Tensor):
+        if isinstance(batch, Mapping) and isinstance(batch.get("labels"), torch.Tensor):
             return batch["labels"]
         return None
 
@@ -109,7 +110,7 @@ def _logits(out: Any) -> torch.Tensor:
     for key in ("logits", "last_hidden_state"):
         if hasattr(out, key):
             return getattr(out, key)
-        if isinstance(out, dict) and key in out:
+        if isinstance(out, Mapping) and key in out:
             return out[key]
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]

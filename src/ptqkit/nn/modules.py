@@ -17,8 +17,8 @@ from torch import nn
 from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
 
-__all__ = ["FoldedBN", "QuantModule", "QuantConv1d", "QuantConv2d", "QuantLinear", "REGISTRY",
-           "register", "quant_layers"]
+__all__ = ["FoldedBN", "QuantModule", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantEmbedding",
+           "REGISTRY", "register", "quant_layers"]
 
 REGISTRY: dict[type[nn.Module], type[QuantModule]] = {}
 
@@ -144,6 +144,38 @@ class QuantLinear(QuantModule):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class QuantEmbedding(nn.Module):
+    """Weight-only quantized ``nn.Embedding``: each row (one token's vector) has its own scale and
+    zero-point; the integer indices are never quantized.
+
+    Deliberately not a QuantModule and not in REGISTRY: it has no input quantizer, so the methods
+    that walk ``quant_layers`` (which assume y = op(Q(x), Q(W)) + b) never see it. Swapped in on
+    request by ``nn.prepare.quantize_embeddings`` (the "embeddings" step), never by ``prepare``.
+    weight: (num_embeddings, embedding_dim); input: int indices (...); output: (..., embedding_dim).
+    """
+
+    def __init__(self, fl: nn.Embedding, w_spec: QuantSpec) -> None:
+        super().__init__()
+        if fl.max_norm is not None or fl.sparse:
+            raise ValueError(f"cannot quantize an Embedding with max_norm={fl.max_norm}, "
+                             f"sparse={fl.sparse}; exclude it from the embeddings step")
+        self.weight = nn.Parameter(fl.weight.detach().clone(), requires_grad=False)
+        self.padding_idx = fl.padding_idx
+        self.w_quant = Quantizer(QuantSpec(w_spec.bits, w_spec.symmetric, "channel", 0),
+                                 fl.num_embeddings)
+
+    @property
+    def w_bits(self) -> int:
+        return self.w_quant.spec.bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.w_quant(self.weight), self.padding_idx)
+
+    def extra_repr(self) -> str:
+        n, d = self.weight.shape
+        return f"{n}, {d}, padding_idx={self.padding_idx}"
 
 
 def quant_layers(model: nn.Module) -> dict[str, QuantModule]:

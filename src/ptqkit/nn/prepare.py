@@ -10,13 +10,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..core.spec import QuantSpec
-from .modules import REGISTRY, FoldedBN, QuantModule, quant_layers
+from .modules import REGISTRY, FoldedBN, QuantEmbedding, QuantModule, quant_layers
 
 __all__ = ["LayerPolicy", "PTQState", "prepare", "find_conv_bn_pairs", "set_module",
-           "record_layer_order", "apply_bit_policy"]
+           "record_layer_order", "apply_bit_policy", "FloatMatmulCounter", "quantize_embeddings"]
 
 log = logging.getLogger(__name__)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -125,8 +127,34 @@ def _swap(model: nn.Module, policy: LayerPolicy, folded: dict[str, FoldedBN],
             q.folded_bn = folded.get(name)
             set_module(model, name, q)
         elif name and not list(mod.children()) and not isinstance(mod, nn.Identity):
-            if any(p.requires_grad for p in mod.parameters(recurse=False)) or qcls is not None:
+            if next(mod.parameters(recurse=False), None) is not None or qcls is not None:
                 state.stays_float.append(f"{name} ({type(mod).__name__})")
+
+
+class FloatMatmulCounter(TorchFunctionMode):
+    """Counts activation x activation products (attention scores, attention x values) run
+    outside any quantized layer: neither operand is a Parameter. These stay float in ptqkit."""
+
+    OPS = {torch.matmul: "matmul", torch.bmm: "bmm", torch.baddbmm: "baddbmm",
+           torch.einsum: "einsum", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
+           torch.Tensor.bmm: "bmm", F.scaled_dot_product_attention: "scaled_dot_product_attention"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        op = self.OPS.get(func)
+        if op is not None and not any(isinstance(a, nn.Parameter) for a in args):
+            self.counts[op] = self.counts.get(op, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def describe(self) -> str | None:
+        """One line for the report, or None when the model has no such product."""
+        if not self.counts:
+            return None
+        calls = ", ".join(f"{op} x{n}" for op, n in sorted(self.counts.items()))
+        return f"activation x activation matmuls, e.g. attention scores ({calls} per forward)"
 
 
 @torch.no_grad()
@@ -182,7 +210,10 @@ def prepare(model: nn.Module, policy: LayerPolicy,
     folded = _fold_all(qmodel, state)
     _swap(qmodel, policy, folded, state)
     qmodel.ptq = state  # type: ignore[assignment]
-    state.layer_order = record_layer_order(qmodel, run)
+    with FloatMatmulCounter() as matmuls:
+        state.layer_order = record_layer_order(qmodel, run)
+    if matmuls.describe():
+        state.stays_float.append(str(matmuls.describe()))
     if not state.layer_order:
         raise ValueError("no Conv1d/Conv2d/Linear layer was selected and called by the model; "
                          "check the include/exclude patterns")
@@ -193,3 +224,19 @@ def prepare(model: nn.Module, policy: LayerPolicy,
         qmodel.get_submodule(n).a_quant.enabled = False
     apply_bit_policy(qmodel, policy)
     return qmodel
+
+
+@torch.no_grad()
+def quantize_embeddings(model: nn.Module, spec: QuantSpec,
+                        include: tuple[str, ...] = ("*",)) -> dict[str, QuantEmbedding]:
+    """Swap every ``nn.Embedding`` whose name matches ``include`` for a weight-only QuantEmbedding
+    (in place; ranges are left unset). Returns {name: new module}."""
+    swapped: dict[str, QuantEmbedding] = {}
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Embedding and any(fnmatch.fnmatchcase(name, p) for p in include):
+            swapped[name] = QuantEmbedding(mod, spec)
+            set_module(model, name, swapped[name])
+    ptq = getattr(model, "ptq", None)
+    if isinstance(ptq, PTQState):
+        ptq.stays_float = [s for s in ptq.stays_float if s.split(" ")[0] not in swapped]
+    return swapped

@@ -12,6 +12,7 @@ from torch import nn
 from ..calib.data import CalibrationData
 from .fmnist import DatasetMissingError, calibration_indices, load_split
 from .models import FACTORIES
+from .text import MODELS as TEXT_MODELS
 
 __all__ = ["ZOO", "load_model", "fmnist_calibration", "fmnist_test", "DatasetMissingError",
            "WEIGHTS_DIR"]
@@ -21,9 +22,13 @@ ZOO = tuple(sorted(FACTORIES))
 
 
 def load_model(name: str, pretrained: bool = True) -> nn.Module:
-    """A zoo model in eval mode, with the project's trained weights unless ``pretrained=False``."""
+    """A zoo model in eval mode, with the project's trained weights unless ``pretrained=False``.
+    Text encoders (``minilm``, needs ptqkit[text]) always come with their published weights."""
+    if name in TEXT_MODELS:
+        return TEXT_MODELS[name]()
     if name not in FACTORIES:
-        raise ValueError(f"unknown zoo model {name!r}; expected one of {', '.join(ZOO)}")
+        raise ValueError(f"unknown zoo model {name!r}; expected one of "
+                         f"{', '.join(ZOO + tuple(TEXT_MODELS))}")
     model = FACTORIES[name]()
     if pretrained:
         path = WEIGHTS_DIR / f"{name}.safetensors"
