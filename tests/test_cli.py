@@ -84,3 +84,15 @@ def test_override_flag_parsing(user_model, tmp_path: Path) -> None:
     assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
                  "--override", "4=3,5", "--out", str(out)]) == 0
     assert json.loads((out / "run.json").read_text())["bits"]["4"] == [3, 5]
+
+
+def test_run_with_output_quantizers_reloads(user_model, tmp_path: Path) -> None:
+    net, weights, calib = user_model
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("w_bits: 8\na_bits: 8\nsteps: [int_outputs]\n")
+    assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+                 "--recipe", str(recipe), "--out", str(out)]) == 0
+    qmodel, _, meta = load_run(out)
+    assert meta["output_bits"] and all(qmodel.get_submodule(n).o_quant is not None
+                                       for n in meta["output_bits"])

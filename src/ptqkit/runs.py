@@ -23,6 +23,8 @@ import torch
 import yaml
 from torch import nn
 
+from .core.quantizer import Quantizer
+from .core.spec import QuantSpec
 from .nn.modules import quant_layers
 from .pipeline import Recipe, layer_bits, rebuild
 
@@ -95,7 +97,9 @@ def save_run(out: str | os.PathLike[str], qmodel: nn.Module, source: ModelSource
     try:
         meta = {"format": RUN_FORMAT, "model": source.spec, "weights": source.weights,
                 "bits": {n: list(b) for n, b in layer_bits(qmodel).items()},
-                "biased": [n for n, m in quant_layers(qmodel).items() if m.bias is not None]}
+                "biased": [n for n, m in quant_layers(qmodel).items() if m.bias is not None],
+                "output_bits": {n: m.o_quant.spec.bits for n, m in quant_layers(qmodel).items()
+                                if m.o_quant is not None}}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         report = getattr(qmodel, "report", None)
@@ -127,7 +131,11 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module, dic
     float_model = ModelSource(meta["model"], meta.get("weights")).load()
     example = torch.load(run_dir / "example.pt", weights_only=True)
     qmodel = rebuild(float_model, recipe, {n: tuple(b) for n, b in meta["bits"].items()}, example)
+    layers = quant_layers(qmodel)
     for name in meta.get("biased", []):
-        quant_layers(qmodel)[name].ensure_bias()
-    qmodel.load_state_dict(torch.load(run_dir / "quantized.pt", weights_only=True))
+        layers[name].ensure_bias()
+    state = torch.load(run_dir / "quantized.pt", weights_only=True)
+    for name, bits in meta.get("output_bits", {}).items():  # output quantizers (int_outputs step)
+        layers[name].o_quant = Quantizer(QuantSpec(int(bits)))
+    qmodel.load_state_dict(state)
     return qmodel, float_model, meta
