@@ -46,3 +46,12 @@ def tiny() -> nn.Module:
 @pytest.fixture
 def tiny_data() -> torch.Tensor:
     return torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """Tiny ops: thread hand-offs cost more than they save, so run them on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

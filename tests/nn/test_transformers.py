@@ -19,12 +19,7 @@ from ptqkit.pipeline import StepSpec
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny ops: thread hand-offs cost more than they save on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_bert(pooler: bool = True, attn: str = "sdpa") -> nn.Module:

@@ -24,12 +24,7 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "
          "very", "not", "film", "great", "awful", "plot"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # tiny ops: thread hand-offs cost more than they save on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
