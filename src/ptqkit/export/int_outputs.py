@@ -1,22 +1,37 @@
-"""Step "int_outputs": quantize the outputs that ONNX Runtime needs to run every conv in integers.
+"""Step "int_outputs": quantize the tensors ONNX Runtime needs to run the whole network in integers.
 
-ONNX Runtime fuses DQ -> Conv -> Q into QLinearConv only when the conv output is quantized. In the
-simulated model a conv output is quantized only where it enters another quantized layer (that
-layer's input quantizer); a conv whose output feeds a residual add, a pooling or the model output
-would run as a float kernel. This step gives exactly those layers an 8-bit per-tensor output
-quantizer (``QuantModule.o_quant``), calibrated on the data, so that the simulated model and the
-deployed integer model stay the same function. It changes the simulated model (one more rounding
-per such layer); the report lists the layers. Run it as the last step of a recipe.
+ONNX Runtime fuses DQ -> op -> Q into an integer kernel (QLinearConv, QLinearAdd,
+QLinearGlobalAveragePool) only when the op's inputs are dequantized integers and its output is
+quantized. In the simulated model a tensor is quantized only where it enters a quantized layer
+(that layer's input quantizer), so without this step a conv feeding a residual add, the add
+itself, the skip branch and the pooling run as float kernels. The step makes the simulated model
+quantize (8-bit, per tensor) exactly the tensors the integer graph needs, so that simulated and
+deployed model stay the same function:
 
-If the only consumer of the conv is a ReLU/ReLU6, the range is taken after the activation: with a
-zero-point of 0 and a range inside [0, 6], Q(y) = Q(act(y)), so the activation stays exact.
+- conv outputs that do not go (through at most one ReLU/ReLU6) only into quantized layer inputs
+  get an output quantizer ``QuantModule.o_quant``;
+- residual adds (after a following ReLU/ReLU6 when that is their only consumer) get a shared
+  quantizer on the output of the module that returns them (``module.int_out``, applied by a
+  forward hook), so that every consumer - the next block's convs and the skip branch of the next
+  add, or the pooling - sees the SAME quantized tensor.
+
+Shared qparams: when a quantized layer with an 8-bit input quantizer consumes the tensor, the new
+quantizer copies that layer's scale and zero-point (Q is idempotent with equal qparams, so that
+layer's own input quantizer stays exact and the export drops the DQ -> Q pair). Otherwise a fresh
+asymmetric quantizer is calibrated on the data (range after the activation: on non-negative data
+the zero-point is 0, so Q(relu(y)) = Q(y) and the export drops the ReLU). The step changes the
+simulated model (one more rounding per such tensor); the report lists the tensors. Run it as the
+last step of a recipe. Tensors that are not the output of a module call (e.g. an add inside a
+flat ``forward`` feeding a function), and models torch.fx cannot trace, keep float residuals:
+logged, and the export stays exact (ONNX Runtime runs those ops in float).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,19 +41,31 @@ from torch import fx, nn
 from ..algorithms.base import Context, Step, register_step
 from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
-from ..nn.modules import QuantConv1d, QuantConv2d, QuantModule, quant_layers
+from ..nn.modules import QuantConv1d, QuantConv2d, QuantModule
 from ..ranges import get_range_method
 
-__all__ = ["IntOutputsOptions", "IntOutputs", "layers_needing_output_quant", "attach_output_quantizers"]
+__all__ = ["IntOutputsOptions", "IntOutputs", "TensorSite", "layers_needing_output_quant",
+           "plan_int_tensors", "attach_output_quantizers", "install_output_quantizer",
+           "output_quantizers", "OUT_ATTR"]
 
 log = logging.getLogger(__name__)
+OUT_ATTR = "int_out"  # attribute of a module whose output is quantized by a forward hook
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _ACT_FUNCTIONS = {torch.relu: "relu", F.relu: "relu", F.relu6: "relu6", torch.relu_: "relu"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, QuantModule) or super().is_leaf_module(m, qualname)
+
+
+def _trace(qmodel: nn.Module) -> fx.Graph:
+    try:
+        return _Tracer().trace(qmodel)
+    except Exception as exc:  # fx raises many exception types on untraceable code
+        raise ValueError(f"int_outputs needs a torch.fx-traceable model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]})") from exc
 
 
 def _activation(node: fx.Node, mods: dict[str, nn.Module]) -> str | None:
@@ -49,6 +76,11 @@ def _activation(node: fx.Node, mods: dict[str, nn.Module]) -> str | None:
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return "relu"
     return None
+
+
+def _is_add(node: fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+            or (node.op == "call_method" and node.target in ("add", "add_")))
 
 
 def _users(node: fx.Node, mods: dict[str, nn.Module]) -> list[fx.Node]:
@@ -62,33 +94,121 @@ def _users(node: fx.Node, mods: dict[str, nn.Module]) -> list[fx.Node]:
     return out
 
 
+def _quant_input(node: fx.Node, mods: dict[str, nn.Module]) -> QuantModule | None:
+    mod = mods.get(str(node.target)) if node.op == "call_module" else None
+    return mod if isinstance(mod, QuantModule) and mod.a_quant.active else None
+
+
 def _feeds_quantized_inputs(nodes: list[fx.Node], mods: dict[str, nn.Module]) -> bool:
-    return bool(nodes) and all(
-        n.op == "call_module" and isinstance(mods[str(n.target)], QuantModule)
-        and mods[str(n.target)].a_quant.active for n in nodes)  # type: ignore[union-attr]
+    return bool(nodes) and all(_quant_input(n, mods) is not None for n in nodes)
+
+
+def _through_activation(node: fx.Node, mods: dict[str, nn.Module]) -> tuple[fx.Node, str | None]:
+    """(the tensor to quantize, activation) - ``node``'s sole ReLU/ReLU6 consumer if it has one."""
+    users = _users(node, mods)
+    if len(users) == 1 and (act := _activation(users[0], mods)) is not None:
+        return users[0], act
+    return node, None
+
+
+@dataclass
+class TensorSite:
+    """One tensor the integer graph needs quantized.
+
+    site: module path - a QuantModule (quantizer ``o_quant`` on its output, before ``act``) or a
+    module whose output is the tensor (quantizer ``int_out``). consumers: quantized layers
+    reading the tensor, in graph order. act: activation between the QuantModule and the tensor.
+    """
+
+    node: str
+    site: str
+    kind: str  # "o_quant" or "output"
+    act: str | None = None
+    consumers: list[str] = field(default_factory=list)
 
 
 def layers_needing_output_quant(qmodel: nn.Module) -> dict[str, str | None]:
     """{conv layer name: activation applied to its output ('relu', 'relu6' or None)} for every
     quantized conv whose output does not go (through at most one ReLU/ReLU6) only into
     quantized layer inputs. Raises ValueError if torch.fx cannot trace the model."""
-    try:
-        graph = _Tracer().trace(qmodel)
-    except Exception as exc:  # fx raises many exception types on untraceable code
-        raise ValueError(f"int_outputs needs a torch.fx-traceable model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]})") from exc
-    mods = dict(qmodel.named_modules())
-    need: dict[str, str | None] = {}
-    for node in graph.nodes:
-        mod = mods.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(mod, (QuantConv1d, QuantConv2d)) or not mod.w_quant.active:
+    sites, _ = plan_int_tensors(qmodel)
+    return {s.site: s.act for s in sites if s.kind == "o_quant"}
+
+
+def _scope_paths(graph: fx.Graph) -> dict[fx.Node, set[str]]:
+    return {n: {str(v[0]) for v in n.meta.get("nn_module_stack", {}).values()} for n in graph.nodes}
+
+
+def _output_module(t: fx.Node, scopes: dict[fx.Node, set[str]]) -> str | None:
+    """Innermost module path whose call returns exactly ``t`` (every use of ``t`` lies outside
+    it, and nothing else computed inside it is used outside), or None."""
+    stack = [str(v[0]) for v in t.meta.get("nn_module_stack", {}).values()]
+    for path in reversed(stack):
+        if not path or any(path in scopes[u] for u in t.users):
             continue
-        users, act = _users(node, mods), None
-        if len(users) == 1 and (act := _activation(users[0], mods)) is not None:
-            users = _users(users[0], mods)
-        if not _feeds_quantized_inputs(users, mods):
-            need[str(node.target)] = act
-    return need
+        escaping = [n for n, s in scopes.items()
+                    if path in s and any(path not in scopes[u] for u in n.users)]
+        if escaping == [t]:
+            return path
+    return None
+
+
+def _conv_site(node: fx.Node, mods: dict[str, nn.Module]) -> TensorSite | None:
+    mod = mods.get(str(node.target)) if node.op == "call_module" else None
+    if not isinstance(mod, (QuantConv1d, QuantConv2d)) or not mod.w_quant.active:
+        return None
+    t, act = _through_activation(node, mods)
+    if _feeds_quantized_inputs(_users(t, mods), mods):
+        return None
+    return TensorSite(t.name, str(node.target), "o_quant", act)
+
+
+def plan_int_tensors(qmodel: nn.Module) -> tuple[list[TensorSite], list[str]]:
+    """The tensors to quantize for integer deployment, and notes on residual adds left float.
+
+    Raises ValueError if torch.fx cannot trace the model.
+    """
+    graph = _trace(qmodel)
+    mods = dict(qmodel.named_modules())
+    scopes = _scope_paths(graph)
+    sites, skipped = [], []
+    for node in graph.nodes:
+        if (site := _conv_site(node, mods)) is not None:
+            sites.append(site)
+        elif _is_add(node):
+            t, _ = _through_activation(node, mods)
+            if any(u.op == "output" for u in t.users):
+                continue  # the model output stays float
+            if (path := _output_module(t, scopes)) is None:
+                skipped.append(t.name)
+                continue
+            sites.append(TensorSite(t.name, path, "output"))
+    nodes = {n.name: n for n in graph.nodes}
+    for s in sites:
+        s.consumers = [str(u.target) for u in _users(nodes[s.node], mods)
+                       if _quant_input(u, mods) is not None]
+    return sites, skipped
+
+
+def _output_quant_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook: quantize the module's output with its ``int_out`` quantizer."""
+    q = getattr(module, OUT_ATTR, None)
+    return q(out) if q is not None and isinstance(out, torch.Tensor) else out
+
+
+def install_output_quantizer(model: nn.Module, path: str, quantizer: nn.Module) -> None:
+    """Quantize the output of ``model.get_submodule(path)`` with ``quantizer`` (kept as the
+    module's ``int_out`` attribute, so it is in the state_dict and survives deepcopy)."""
+    mod = model.get_submodule(path)
+    setattr(mod, OUT_ATTR, quantizer)
+    if _output_quant_hook not in mod._forward_hooks.values():
+        mod.register_forward_hook(_output_quant_hook)
+
+
+def output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """{module path: quantizer} of every module output quantized by :func:`install_output_quantizer`."""
+    return {n: getattr(m, OUT_ATTR) for n, m in model.named_modules()
+            if isinstance(getattr(m, OUT_ATTR, None), nn.Module)}
 
 
 def _after(act: str | None, y: torch.Tensor) -> torch.Tensor:
@@ -98,22 +218,20 @@ def _after(act: str | None, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _collect_outputs(ctx: Context, need: dict[str, str | None],
-                     max_samples: int) -> dict[str, torch.Tensor]:
-    """A random subsample (plus exact min and max) of every listed layer's (activated) output."""
-    layers = quant_layers(ctx.qmodel)
+def _collect(ctx: Context, sites: list[TensorSite], max_samples: int) -> dict[str, torch.Tensor]:
+    """A random subsample (plus exact min and max) of every site's (activated) output tensor."""
     g = torch.Generator().manual_seed(ctx.seed)
     per_batch = max(1, max_samples // max(1, len(ctx.calib)))
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in need}
+    parts: dict[str, list[torch.Tensor]] = {s.node: [] for s in sites}
 
-    def hook(name: str):  # type: ignore[no-untyped-def]
+    def hook(site: TensorSite):  # type: ignore[no-untyped-def]
         def fn(mod: nn.Module, args: Any, out: torch.Tensor) -> None:
-            y = _after(need[name], out.detach()).reshape(-1).float()
+            y = _after(site.act, out.detach()).reshape(-1).float()
             idx = torch.randint(0, y.numel(), (min(per_batch, y.numel()),), generator=g)
-            parts[name] += [y[idx], y.min().reshape(1), y.max().reshape(1)]
+            parts[site.node] += [y[idx], y.min().reshape(1), y.max().reshape(1)]
         return fn
 
-    handles = [layers[n].register_forward_hook(hook(n)) for n in need]
+    handles = [ctx.qmodel.get_submodule(s.site).register_forward_hook(hook(s)) for s in sites]
     try:
         ctx.calib.run_all(ctx.qmodel)
     finally:
@@ -122,22 +240,65 @@ def _collect_outputs(ctx: Context, need: dict[str, str | None],
     return {n: torch.cat(p) for n, p in parts.items() if p}
 
 
-def attach_output_quantizers(ctx: Context, need: dict[str, str | None], method: str,
-                             bits: int = 8, max_samples: int = 1 << 18) -> None:
-    """Give each listed layer an asymmetric per-tensor ``o_quant`` with a ``method`` range."""
-    fn = get_range_method(method)
-    samples = _collect_outputs(ctx, need, max_samples)
-    layers = quant_layers(ctx.qmodel)
-    for name, y in samples.items():
-        oq = Quantizer(QuantSpec(bits, symmetric=False))
-        oq.set_range(*fn(y.reshape(1, -1), oq.spec))
-        layers[name].o_quant = oq
-        ctx.report.layer(name).update(o_bits=bits, o_range=method, o_act=need[name])
+def _shared_source(ctx: Context, site: TensorSite, bits: int) -> tuple[str, Quantizer] | None:
+    """(name, input quantizer) of the first consumer with a ``bits``-bit grid, or None."""
+    for name in site.consumers:
+        aq = ctx.qmodel.get_submodule(name).a_quant
+        if aq.active and aq.spec.bits == bits:
+            return name, aq
+    return None
+
+
+@torch.no_grad()
+def _unify_consumers(ctx: Context, site: TensorSite, q: Quantizer) -> None:
+    """Give every other consumer with the same grid the shared qparams (they read the same tensor,
+    so each was calibrated on the same data): their input quantizers become exact no-ops."""
+    for name in site.consumers:
+        aq = ctx.qmodel.get_submodule(name).a_quant
+        if aq.active and aq.spec == q.spec:
+            aq.set_qparams(*q.qparams())
+
+
+def _install(ctx: Context, site: TensorSite, q: Quantizer) -> None:
+    if site.kind == "o_quant":
+        ctx.qmodel.get_submodule(site.site).o_quant = q
+    else:
+        install_output_quantizer(ctx.qmodel, site.site, q)
+
+
+def attach_output_quantizers(ctx: Context, sites: list[TensorSite], method: str, bits: int = 8,
+                             max_samples: int = 1 << 18) -> dict[str, str]:
+    """Give every site an asymmetric per-tensor ``bits``-bit quantizer: a copy of its first
+    consumer's input qparams when that consumer has a ``bits``-bit grid, else calibrated with
+    ``method`` on the site's data. Returns {tensor: 'shared:<layer>' or 'calibrated'}."""
+    sources = {s.node: _shared_source(ctx, s, bits) for s in sites}
+    fresh = [s for s in sites if sources[s.node] is None]
+    samples = _collect(ctx, fresh, max_samples) if fresh else {}
+    fn, how = get_range_method(method), {}
+    for site in sites:
+        src = sources[site.node]
+        if src is not None:
+            q = Quantizer(src[1].spec)
+            q.set_qparams(*src[1].qparams())
+            how[site.node] = "shared:" + src[0]
+            _unify_consumers(ctx, site, q)
+        elif site.node in samples:
+            q = Quantizer(QuantSpec(bits, symmetric=False))
+            q.set_range(*fn(samples[site.node].reshape(1, -1), q.spec))
+            how[site.node] = "calibrated"
+        else:
+            continue  # the site never ran on the calibration data
+        _install(ctx, site, q)
+        if site.kind == "o_quant":
+            ctx.report.layer(site.site).update(o_bits=q.spec.bits, o_range=how[site.node],
+                                               o_act=site.act)
+    return how
 
 
 @dataclass(frozen=True)
 class IntOutputsOptions:
-    """range: range method for the output quantizers (None: the recipe's activation method)."""
+    """range: range method for freshly calibrated quantizers (None: the recipe's activation
+    method). bits: their bit width (and the input grid whose qparams are shared)."""
 
     range: str | None = None
     bits: int = 8
@@ -156,9 +317,24 @@ class IntOutputs(Step):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         t0 = time.perf_counter()
-        need = layers_needing_output_quant(ctx.qmodel)
+        try:
+            sites, skipped = plan_int_tensors(ctx.qmodel)
+        except ValueError as exc:
+            log.warning("int_outputs skipped: %s; residual adds and conv outputs stay float", exc)
+            ctx.report.notes.append(f"int_outputs skipped: {exc}")
+            return {"layers": [], "tensors": {}, "seconds": time.perf_counter() - t0}
         method = self.options.range or ctx.report.recipe.get("a_range", "mse")
-        attach_output_quantizers(ctx, need, method, self.options.bits, self.options.max_samples)
-        ctx.report.notes.append(f"int_outputs: {len(need)} conv outputs quantized to "
-                                f"{self.options.bits} bits for integer deployment: {sorted(need)}")
-        return {"layers": sorted(need), "range": method, "seconds": time.perf_counter() - t0}
+        how = attach_output_quantizers(ctx, sites, method, self.options.bits,
+                                       self.options.max_samples)
+        convs = sorted(s.site for s in sites if s.kind == "o_quant")
+        outs = {s.site: how.get(s.node) for s in sites if s.kind == "output"}
+        ctx.report.notes.append(f"int_outputs: {len(convs)} conv outputs and {len(outs)} module "
+                                f"outputs (residual adds) quantized to {self.options.bits} bits "
+                                f"for integer deployment: {convs}, {sorted(outs)}")
+        if skipped:
+            msg = (f"int_outputs: {len(skipped)} residual adds are not the output of a module call "
+                   f"and stay float (ONNX Runtime runs them in float): {skipped}")
+            log.info(msg)
+            ctx.report.notes.append(msg)
+        return {"layers": convs, "tensors": outs, "skipped": skipped, "range": method,
+                "seconds": time.perf_counter() - t0}

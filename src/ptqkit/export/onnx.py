@@ -36,6 +36,7 @@ from torch import nn
 
 from ..nn.modules import QuantModule, quant_layers
 from ..nn.prepare import set_module
+from .int_outputs import OUT_ATTR, output_quantizers
 
 __all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_session", "optimized_op_counts", "QDQLayer"]
 
@@ -76,6 +77,17 @@ class _TensorQDQ:
         if self.clip is not None:
             x = torch.clamp(x, self.clip[0], self.clip[1])
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zp, *self.lim)
+
+
+class QDQTensor(nn.Module):
+    """Export-time stand-in for a per-tensor :class:`Quantizer` on a module output (int_out)."""
+
+    def __init__(self, quantizer: Any) -> None:
+        super().__init__()
+        self.qdq = _TensorQDQ.of(quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.qdq is None else self.qdq(x)
 
 
 class QDQLayer(nn.Module):
@@ -143,6 +155,8 @@ def deploy_copy(qmodel: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]
                              "exported as 8-bit integers; use bits <= 8 or disable the quantizer")
         info[name] = _layer_info(name, layer)
         set_module(model, name, QDQLayer(layer))
+    for path, quantizer in output_quantizers(model).items():
+        setattr(model.get_submodule(path), OUT_ATTR, QDQTensor(quantizer))
     return model, info
 
 
@@ -276,6 +290,153 @@ def _drop_noop_activations(gr: _Graph) -> int:
     return dropped
 
 
+def _qparams_key(gr: _Graph, node: Any) -> tuple[Any, ...] | None:
+    """Hashable (scale, zero-point, dtype, axis) of a Q/DQ node with constant qparams, or None."""
+    if len(node.input) < 3:
+        return None
+    scale, zp = gr.const(node.input[1]), gr.const(node.input[2])
+    if scale is None or zp is None:
+        return None
+    axis = _axis(node) if scale.size > 1 else None
+    return scale.astype(np.float32).tobytes(), zp.tobytes(), str(zp.dtype), scale.shape, axis
+
+
+def _rewire(gr: _Graph, old: str, new: str) -> bool:
+    """Point every consumer of tensor ``old`` at ``new``; False if ``old`` is a graph output."""
+    if old in {o.name for o in gr.g.output}:
+        return False
+    for c in gr.consumers(old):
+        c.input[:] = [new if i == old else i for i in c.input]
+    return True
+
+
+def _skip_requantize(gr: _Graph) -> int:
+    """Q(DQ(x)) with the DQ's own scale and zero-point is x: read x directly (exact)."""
+    skipped = 0
+    for node in list(gr.g.node):
+        prev = gr.producer.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if prev is None or prev.op_type != "DequantizeLinear":
+            continue
+        key = _qparams_key(gr, node)
+        if key is not None and key == _qparams_key(gr, prev) and _rewire(gr, node.output[0], prev.input[0]):
+            skipped += 1
+    return skipped
+
+
+def _merge_duplicate_quantizers(gr: _Graph) -> int:
+    """Several QuantizeLinear of one tensor with equal qparams (one per consumer layer) -> one."""
+    seen: dict[tuple[Any, ...], str] = {}
+    merged = 0
+    for node in list(gr.g.node):
+        key = _qparams_key(gr, node) if node.op_type == "QuantizeLinear" else None
+        if key is None:
+            continue
+        first = seen.setdefault((node.input[0], *key), node.output[0])
+        if first != node.output[0] and _rewire(gr, node.output[0], first):
+            merged += 1
+    return merged
+
+
+def _q_range(gr: _Graph, node: Any) -> tuple[float, float] | None:
+    """[lo, hi] a per-tensor QuantizeLinear can represent, or None."""
+    scale, zp = gr.const(node.input[1]), gr.const(node.input[2]) if len(node.input) > 2 else None
+    if scale is None or zp is None or scale.size != 1:
+        return None
+    info, z, s = np.iinfo(zp.dtype), int(zp.reshape(-1)[0]), float(scale.reshape(-1)[0])
+    return s * (info.min - z), s * (info.max - z)
+
+
+def _clip_bounds(gr: _Graph, node: Any) -> tuple[float, float] | None:
+    if node.op_type == "Relu":
+        return 0.0, np.inf
+    if node.op_type != "Clip":
+        return None
+    vals = [gr.const(i) if i else None for i in list(node.input[1:3]) + [""] * (3 - len(node.input))]
+    lo = float(vals[0]) if vals[0] is not None else -np.inf
+    hi = float(vals[1]) if vals[1] is not None else np.inf
+    return lo, hi
+
+
+def _drop_activations_before_q(gr: _Graph) -> int:
+    """Relu/Clip -> QuantizeLinear whose grid lies inside the activation's range (e.g. uint8
+    with zero-point 0 after a Relu): Q(act(x)) = Q(x), so the Q reads x (exact)."""
+    dropped = 0
+    for node in list(gr.g.node):
+        bounds = _clip_bounds(gr, node)
+        if bounds is None:
+            continue
+        for q in gr.consumers(node.output[0]):
+            rng = _q_range(gr, q) if q.op_type == "QuantizeLinear" else None
+            if rng is not None and bounds[0] <= rng[0] and rng[1] <= bounds[1]:
+                q.input[0] = node.input[0]
+                dropped += 1
+    return dropped
+
+
+def _move_q_before_reshape(gr: _Graph) -> int:
+    """x -> Flatten/Reshape -> Q  becomes  x -> Q -> Flatten/Reshape (per-tensor Q commutes with
+    a reshape), so that DQ -> GlobalAveragePool -> Q fuses into QLinearGlobalAveragePool."""
+    moved = 0
+    for q in list(gr.g.node):
+        f = gr.producer.get(q.input[0]) if q.op_type == "QuantizeLinear" else None
+        if f is None or f.op_type not in ("Flatten", "Reshape") or _q_range(gr, q) is None:
+            continue
+        if len(gr.consumers(f.output[0])) != 1 or f.output[0] in {o.name for o in gr.g.output}:
+            continue
+        pre = f.output[0] + "_quantized"
+        q.input[0], f.output[0], q.output[0], f.input[0] = f.input[0], q.output[0], pre, pre
+        gr.producer = {o: n for n in gr.g.node for o in n.output}
+        moved += 1
+    return moved
+
+
+def _remove_dead_nodes(gr: _Graph) -> None:
+    outputs = {o.name for o in gr.g.output}
+    while True:
+        used = {i for n in gr.g.node for i in n.input} | outputs
+        dead = [n for n in gr.g.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            gr.g.node.remove(n)
+
+
+def _toposort(gr: _Graph) -> None:
+    """Re-order the nodes topologically (rewiring may have moved a producer after a consumer)."""
+    ready = {i.name for i in gr.g.input} | set(gr.inits) | {""}
+    pending, order = list(gr.g.node), []
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input)]
+        done = [n for n in pending if all(i in ready for i in n.input)]
+        if not done:
+            raise RuntimeError("export produced a cyclic ONNX graph; please report this model")
+        for n in done:
+            ready.update(n.output)
+        order += done
+        pending = rest
+    del gr.g.node[:]
+    gr.g.node.extend(order)
+
+
+def simplify_qdq(model: Any) -> dict[str, int]:
+    """Clean QDQ graph for ONNX Runtime's fusions, every rewrite exact: drop activations before a
+    Q that clips at least as much, merge duplicate Qs, skip DQ -> Q pairs with equal qparams, move
+    Q before Flatten/Reshape. Returns how many of each were done."""
+    done = {}
+    for name, fn in (("activations_dropped", _drop_noop_activations),
+                     ("activations_before_q", _drop_activations_before_q),
+                     ("duplicate_q", _merge_duplicate_quantizers),
+                     ("requantize_skipped", _skip_requantize),
+                     ("q_before_reshape", _move_q_before_reshape)):
+        gr = _Graph(model)
+        done[name] = fn(gr)
+        _remove_dead_nodes(gr)
+    gr = _Graph(model)
+    _toposort(gr)
+    _remove_unused_initializers(gr)
+    return done
+
+
 def _remove_unused_initializers(gr: _Graph) -> None:
     used = {i for n in gr.g.node for i in n.input} | {o.name for o in gr.g.output}
     for t in list(gr.g.initializer):
@@ -315,8 +476,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: 
     folded = _fold_weight_quantizers(gr)
     gr = _Graph(model)
     notes = _quantize_biases(gr)
-    _drop_noop_activations(gr)
-    _remove_unused_initializers(gr)
+    rewrites = simplify_qdq(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     info = ExportInfo(path, layers, notes)
@@ -328,8 +488,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: 
     if any(v["a_container"] == "8-bit, clipped" or v["w_bits"] < 8 for v in layers.values()):
         info.notes.append("sub-8-bit tensors are stored in 8-bit containers clipped to their grid "
                           "(ONNX Runtime does not fuse INT4/UINT4 QDQ into integer kernels)")
-    log.info("exported %s: %d quantized layers, %d weight tensors as integers", path, len(layers),
-             folded)
+    log.info("exported %s: %d quantized layers, %d weight tensors as integers; QDQ rewrites %s",
+             path, len(layers), folded, rewrites)
     return info
 
 
