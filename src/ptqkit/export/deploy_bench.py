@@ -2,7 +2,9 @@
 and ONNX Runtime's own static quantization as a peer method (``ort-minmax`` ...).
 
 Latency protocol: CPU execution provider, ``threads`` intra-op threads, all graph optimisations;
-per batch size, ``warmup`` runs are discarded and the median of ``repeats`` timed runs is kept.
+per model and batch size ``warmup`` runs are discarded; then the models (float / ORT int8 / ours)
+are timed round-robin, one run each per batch size and repeat, and the median of the ``repeats``
+timed runs is kept (interleaving makes the ratios fair when the machine is loaded).
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from ..calib.data import CalibrationData
 from .onnx import export_onnx, optimized_op_counts, ort_session
 
 __all__ = ["LatencySpec", "export_float", "ort_quantize", "ort_predict", "latency_ms",
-           "ORT_CALIBRATORS", "ort_peer_row", "deploy_row", "integer_kernels", "OrtModule", "parity",
-           "deploy_recipe",
-           "deploy_markdown"]
+           "interleaved_latency_ms", "ORT_CALIBRATORS", "ort_peer_row", "deploy_row",
+           "integer_kernels", "OrtModule", "parity", "deploy_recipe", "deploy_markdown"]
 
 log = logging.getLogger(__name__)
 ORT_CALIBRATORS = {"ort-minmax": "MinMax", "ort-entropy": "Entropy", "ort-percentile": "Percentile"}
-INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QLinearAdd",
+               "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
+               "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax")
 
 
 @dataclass(frozen=True)
@@ -120,30 +123,41 @@ def ort_predict(path: str | os.PathLike[str], x: torch.Tensor, batch_size: int =
 
 
 def latency_ms(path: str | os.PathLike[str], sample: torch.Tensor, spec: LatencySpec) -> dict[str, float]:
-    """Median latency (ms) per batch size; ``sample`` holds at least max(batches) inputs."""
-    sess = ort_session(path, spec.threads)
-    res = {}
-    for b in spec.batches:
-        feed = {"input": sample[:b].numpy()}
-        for _ in range(spec.warmup):
-            sess.run(None, feed)
-        times = []
-        for _ in range(spec.repeats):
-            t0 = time.perf_counter()
-            sess.run(None, feed)
-            times.append(time.perf_counter() - t0)
-        res[f"latency_b{b}_ms"] = 1000 * statistics.median(times)
-    return res
+    """Median latency (ms) per batch size of one model; ``sample`` holds >= max(batches) inputs."""
+    return interleaved_latency_ms({"m": Path(path)}, sample, spec)["m"]
+
+
+def interleaved_latency_ms(paths: dict[str, Path], sample: torch.Tensor,
+                           spec: LatencySpec) -> dict[str, dict[str, float]]:
+    """{tag: {latency_b<B>_ms: median}} with the models timed round-robin: every repeat runs each
+    model once per batch size, so load changes on a busy machine hit all models alike. ``warmup``
+    runs per model and batch size are discarded first."""
+    sessions = {tag: ort_session(p, spec.threads) for tag, p in paths.items()}
+    feeds = {b: {"input": sample[:b].numpy()} for b in spec.batches}
+    for sess in sessions.values():
+        for feed in feeds.values():
+            for _ in range(spec.warmup):
+                sess.run(None, feed)
+    times: dict[tuple[str, int], list[float]] = {(t, b): [] for t in sessions for b in spec.batches}
+    for _ in range(spec.repeats):
+        for b, feed in feeds.items():
+            for tag, sess in sessions.items():
+                t0 = time.perf_counter()
+                sess.run(None, feed)
+                times[tag, b].append(time.perf_counter() - t0)
+    return {tag: {f"latency_b{b}_ms": 1000 * statistics.median(times[tag, b])
+                  for b in spec.batches} for tag in sessions}
 
 
 def integer_kernels(path: str | os.PathLike[str]) -> dict[str, int]:
-    """How many integer kernels (QLinearConv, QGemm, ...) and float Conv/Gemm ORT really runs."""
+    """How many integer kernels (QLinearConv, QGemm, QLinearAdd, ...) and float Conv/Gemm ONNX
+    Runtime really runs, and the count of every op type of its optimised graph."""
     with tempfile.TemporaryDirectory() as tmp:
         ops = optimized_op_counts(path, tmp)
     float_ops = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "Gemm", "MatMul",
                                                          "FusedGemm", "FusedMatMul"))
     return {"int_kernels": sum(ops[k] for k in INT_KERNELS), "float_kernels": float_ops,
-            "ops": {k: ops[k] for k in INT_KERNELS if ops[k]}}
+            "ops": {k: ops[k] for k in INT_KERNELS if ops[k]}, "all_ops": dict(sorted(ops.items()))}
 
 
 class OrtModule(nn.Module):
@@ -184,9 +198,10 @@ def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
 def _sizes_and_latency(paths: dict[str, Path], sample: torch.Tensor,
                        spec: LatencySpec) -> dict[str, Any]:
     row: dict[str, Any] = {}
+    latency = interleaved_latency_ms(paths, sample, spec)
     for tag, path in paths.items():
         row[f"{tag}_bytes"] = path.stat().st_size
-        for k, v in latency_ms(path, sample, spec).items():
+        for k, v in latency[tag].items():
             row[f"{tag}_{k}"] = v
         row[f"{tag}_kernels"] = integer_kernels(path)
     for b in spec.batches:
