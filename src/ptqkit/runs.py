@@ -25,6 +25,7 @@ from torch import nn
 
 from .core.quantizer import Quantizer
 from .core.spec import QuantSpec
+from .export.int_outputs import install_output_quantizer, output_quantizers
 from .nn.modules import quant_layers
 from .pipeline import Recipe, layer_bits, rebuild
 
@@ -99,7 +100,11 @@ def save_run(out: str | os.PathLike[str], qmodel: nn.Module, source: ModelSource
                 "bits": {n: list(b) for n, b in layer_bits(qmodel).items()},
                 "biased": [n for n, m in quant_layers(qmodel).items() if m.bias is not None],
                 "output_bits": {n: m.o_quant.spec.bits for n, m in quant_layers(qmodel).items()
-                                if m.o_quant is not None}}
+                                if m.o_quant is not None},
+                "output_symmetric": [n for n, m in quant_layers(qmodel).items()
+                                     if m.o_quant is not None and m.o_quant.spec.symmetric],
+                "module_outputs": {n: [q.spec.bits, q.spec.symmetric]
+                                   for n, q in output_quantizers(qmodel).items()}}
         (tmp / "run.json").write_text(json.dumps(meta, indent=1) + "\n")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         report = getattr(qmodel, "report", None)
@@ -135,7 +140,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module, dic
     for name in meta.get("biased", []):
         layers[name].ensure_bias()
     state = torch.load(run_dir / "quantized.pt", weights_only=True)
+    symmetric = set(meta.get("output_symmetric", []))
     for name, bits in meta.get("output_bits", {}).items():  # output quantizers (int_outputs step)
-        layers[name].o_quant = Quantizer(QuantSpec(int(bits)))
+        layers[name].o_quant = Quantizer(QuantSpec(int(bits), symmetric=name in symmetric))
+    for path, (bits, sym) in meta.get("module_outputs", {}).items():  # residual adds (int_outputs)
+        install_output_quantizer(qmodel, path, Quantizer(QuantSpec(int(bits), symmetric=sym)))
     qmodel.load_state_dict(state)
     return qmodel, float_model, meta

@@ -1,12 +1,18 @@
 """Packed quantized checkpoint: integer weights at their bit width, in one safetensors file.
 
-Layout (format version 1):
+Layout (format version 2; version 1 files still load):
 - tensors: for every quantized layer with active weights, ``<layer>.weight.packed`` (uint8: the
   codes q - qmin as a little bit stream, ``bits`` bits per weight, so two 4-bit weights per byte)
-  and ``<layer>.w_quant.zero_point`` as uint8/int8; every other entry of the quantized model's
-  state_dict as is (per-channel scales, biases, activation qparams, float layers).
-- metadata ``ptqkit``: a JSON map with the format name and version, the recipe, the layer order,
-  per-layer type / shape / bits / symmetry, and a SHA-256 of all tensor bytes (detects corruption).
+  and ``<layer>.w_quant.zero_point`` as uint8/int8 - omitted when all zero (symmetric weights);
+  every other entry of the quantized model's state_dict as is (per-channel scales, biases,
+  activation qparams, output quantizers of the int_outputs step, float layers). Tensors of one
+  dtype are concatenated into one bucket; the float32 bucket is stored byte-shuffled (the four
+  byte planes one after the other, so sign/exponent bytes sit together) and deflated (zlib), which
+  is lossless: the floats come back bit for bit.
+- metadata ``ptqkit``: a JSON map with the format name and version, the codec, the recipe, a
+  SHA-256 of all stored bytes (detects corruption), a layout digest, and ``model``: the deflated,
+  base64 JSON of the layer order, per-layer type / shape / bits / symmetry and the module outputs
+  with a quantizer (int_outputs step).
 
 Loading rebuilds the quantized model from the float architecture without data: BN is folded
 (giving the same module tree), the named layers are swapped, the stored values loaded. The
@@ -16,9 +22,11 @@ bit-identical to the saved simulated model.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,10 +39,13 @@ from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
 from ..nn.modules import REGISTRY, QuantModule, quant_layers
 from ..nn.prepare import PTQState, _fold_all, set_module
+from .int_outputs import install_output_quantizer, output_quantizers
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "pack_bits", "unpack_bits", "save", "load"]
 
-FORMAT, FORMAT_VERSION = "ptqkit-packed", 1
+FORMAT, FORMAT_VERSION = "ptqkit-packed", 2
+_READABLE_VERSIONS = (1, 2)
+_FLOAT_CODEC = "shuffle4-zlib"
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -60,19 +71,51 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 _ENTRY = ("type", "shape", "w_bits", "w_symmetric", "a_bits", "a_symmetric", "w_enabled",
-          "a_enabled", "bias", "packed", "o_bits")
+          "a_enabled", "bias", "packed", "o_bits", "zp", "o_symmetric")  # v1: up to "o_bits"
+
+
+def _has_zero_points(layer: QuantModule) -> bool:
+    return layer.w_quant.active and bool((layer.w_quant.qparams()[1] != 0).any())
 
 
 def _layer_entry(layer: QuantModule) -> list[Any]:
     """One layer of the map as a list in ``_ENTRY`` order (compact JSON)."""
-    w, a = layer.w_quant.spec, layer.a_quant.spec
+    w, a, o = layer.w_quant.spec, layer.a_quant.spec, layer.o_quant
     return [type(layer).__name__, list(layer.weight.shape), w.bits, w.symmetric, a.bits,
             a.symmetric, layer.w_quant.enabled, layer.a_quant.enabled, layer.bias is not None,
-            layer.w_quant.active, layer.o_quant.spec.bits if layer.o_quant is not None else None]
+            layer.w_quant.active, o.spec.bits if o is not None else None, _has_zero_points(layer),
+            o.spec.symmetric if o is not None else False]
 
 
 def _entries(meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {n: dict(zip(_ENTRY, e)) for n, e in meta["layers"].items()}
+    """{layer: entry dict}; fields a version-1 map lacks get their version-1 meaning."""
+    defaults = {"zp": True, "o_symmetric": False}
+    return {n: {**defaults, **dict(zip(_ENTRY, e))} for n, e in meta["layers"].items()}
+
+
+def _encode_floats(bucket: torch.Tensor) -> torch.Tensor:
+    """float32 (N,) -> uint8: byte planes one after the other (shuffle), deflated. Lossless."""
+    planes = bucket.contiguous().view(torch.uint8).reshape(-1, 4).T.contiguous().numpy()
+    return torch.frombuffer(bytearray(zlib.compress(planes.tobytes(), 9)), dtype=torch.uint8)
+
+
+def _decode_floats(blob: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_encode_floats`."""
+    raw = np.frombuffer(zlib.decompress(blob.numpy().tobytes()), dtype=np.uint8)
+    planes = raw.reshape(4, -1).T.copy()
+    return torch.from_numpy(planes.reshape(-1)).view(torch.float32)
+
+
+def _encode_map(model_map: dict[str, Any]) -> str:
+    raw = json.dumps(model_map, separators=(",", ":")).encode()
+    return base64.b64encode(zlib.compress(raw, 9)).decode()
+
+
+def _decode_map(meta: dict[str, Any]) -> dict[str, Any]:
+    """The map with its deflated ``model`` part (version 2) unpacked into plain keys."""
+    if "model" in meta:
+        meta = {**meta, **json.loads(zlib.decompress(base64.b64decode(meta["model"])))}
+    return meta
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
@@ -114,6 +157,8 @@ def _packed_tensors(qmodel: nn.Module, layers: dict[str, QuantModule]) -> dict[s
         tensors[f"{name}.weight.packed"] = torch.from_numpy(packed)
         zp_type = torch.int8 if spec.symmetric else torch.uint8  # the zero-point is on the grid
         tensors[f"{name}.w_quant.zero_point"] = layer.w_quant.qparams()[1].to(zp_type)
+        if not _has_zero_points(layer):
+            del tensors[f"{name}.w_quant.zero_point"]  # all zero: rebuilt on load
     return tensors
 
 
@@ -127,11 +172,15 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
                          "quantized layer")
     tensors = _packed_tensors(qmodel, layers)
     buckets = _buckets(tensors)
+    if "data.float32" in buckets:
+        buckets[f"data.float32.{_FLOAT_CODEC}"] = _encode_floats(buckets.pop("data.float32"))
     recipe = getattr(getattr(qmodel, "report", None), "recipe", None)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "recipe": recipe,
-            "layer_order": list(getattr(getattr(qmodel, "ptq", None), "layer_order", []) or layers),
-            "layers": {n: _layer_entry(m) for n, m in layers.items()},
+    model_map = {
+        "layer_order": list(getattr(getattr(qmodel, "ptq", None), "layer_order", []) or layers),
+        "layers": {n: _layer_entry(m) for n, m in layers.items()},
+        "outputs": {n: [q.spec.bits, q.spec.symmetric] for n, q in output_quantizers(qmodel).items()}}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": _FLOAT_CODEC,
+            "recipe": recipe, "model": _encode_map(model_map),
             "layout": _layout_digest(_layout(tensors)), "sha256": _digest(buckets)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,14 +206,17 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise ValueError(f"{path} has no ptqkit map in its metadata; it was not written by "
                          "ptqkit.save")
     meta = json.loads(raw)
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("format_version") not in _READABLE_VERSIONS:
         raise ValueError(f"{path}: format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r} is not supported (expected {FORMAT!r} "
                          f"version {FORMAT_VERSION}); save it again with this ptqkit version")
     if _digest(tensors) != meta.get("sha256"):
         raise ValueError(f"{path} is corrupted: its tensor data does not match the stored SHA-256;"
                          " save the model again with ptqkit.save")
-    return tensors, meta
+    key = f"data.float32.{meta.get('codec')}"
+    if key in tensors:
+        tensors["data.float32"] = _decode_floats(tensors.pop(key))
+    return tensors, _decode_map(meta)
 
 
 def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
@@ -190,8 +242,13 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         if entry["bias"]:
             q.ensure_bias()
         if entry.get("o_bits") is not None:
-            q.o_quant = Quantizer(QuantSpec(entry["o_bits"], symmetric=False))
+            q.o_quant = Quantizer(QuantSpec(entry["o_bits"], symmetric=entry["o_symmetric"]))
         set_module(qmodel, name, q)
+    for path, (bits, symmetric) in meta.get("outputs", {}).items():
+        try:
+            install_output_quantizer(qmodel, path, Quantizer(QuantSpec(bits, symmetric)))
+        except AttributeError:
+            problems.append(f"{path} (map: a module output quantizer, model: no such module)")
     if problems:
         raise ValueError("the checkpoint's map does not match the model: " + "; ".join(problems)
                          + "; pass the same architecture the checkpoint was saved from")
@@ -211,6 +268,8 @@ def _expected_layout(qmodel: nn.Module, meta: dict[str, Any]) -> list[tuple[str,
             layout[f"{name}.weight.packed"] = ("uint8", -(-numel * e["w_bits"] // 8))
             layout[f"{name}.w_quant.zero_point"] = ("int8" if e["w_symmetric"] else "uint8",
                                                     layout[f"{name}.w_quant.zero_point"][1])
+            if not e["zp"]:
+                del layout[f"{name}.w_quant.zero_point"]
     return [(k, *layout[k]) for k in sorted(layout)]
 
 
@@ -239,10 +298,11 @@ def _unpacked_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any],
         count = int(np.prod(entry["shape"]))
         codes = unpack_bits(state.pop(f"{name}.weight.packed").numpy(), spec.bits, count)
         q = torch.from_numpy(codes.astype(np.float32) + spec.qmin).reshape(entry["shape"])
-        zp = state[f"{name}.w_quant.zero_point"].to(torch.float32)
+        zp_key = f"{name}.w_quant.zero_point"
+        zp = state[zp_key].to(torch.float32) if entry["zp"] else torch.zeros(entry["shape"][0])
         scale = state[f"{name}.w_quant.scale"].clamp(min=1e-8)
         shape = [-1] + [1] * (q.dim() - 1)
-        state[f"{name}.w_quant.zero_point"] = zp
+        state[zp_key] = zp
         state[f"{name}.weight"] = (q - zp.reshape(shape)) * scale.reshape(shape)
     return state
 
