@@ -99,3 +99,29 @@ def test_wrong_format_version(saved):
 def test_map_does_not_match_model(saved):
     with pytest.raises(ValueError, match="does not match the model"):
         ptqkit.load(saved, Wide)
+
+
+def test_float_codec_is_lossless():
+    from ptqkit.export.packed import _decode_floats, _encode_floats
+
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -3.4e38])
+    x = torch.cat([special, torch.randn(1001, generator=torch.Generator().manual_seed(0))])
+    back = _decode_floats(_encode_floats(x))
+    torch.testing.assert_close(back.view(torch.int32), x.view(torch.int32), rtol=0, atol=0)
+
+
+def test_all_zero_weight_zero_points_are_not_stored(tiny, tiny_data, tmp_path):
+    from safetensors import safe_open
+
+    from ptqkit.export.packed import _decode_map, _entries
+
+    for symmetric in (True, False):
+        qmodel = ptqkit.quantize(tiny, tiny_data, ptqkit.Recipe(w_bits=4, w_symmetric=symmetric,
+                                                                 **FAST))
+        ptqkit.save(qmodel, tmp_path / "q.safetensors")
+        with safe_open(str(tmp_path / "q.safetensors"), framework="pt") as f:
+            entries = _entries(_decode_map(json.loads(f.metadata()["ptqkit"])))
+        assert {e["zp"] for e in entries.values()} == {not symmetric}
+        loaded = ptqkit.load(tmp_path / "q.safetensors", TinyNet)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tiny_data), qmodel(tiny_data), rtol=0, atol=0)

@@ -1,0 +1,47 @@
+"""Deployment benchmark helpers: interleaved latency protocol (no timing assertions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+from ptqkit.export.deploy_bench import (  # noqa: E402
+    INT_KERNELS,
+    LatencySpec,
+    export_float,
+    interleaved_latency_ms,
+)
+
+
+def test_interleaved_latency_reports_every_model_and_batch(tmp_path, monkeypatch):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 1, 4, 4)
+    paths = {t: export_float(model, tmp_path / f"{t}.onnx", x[:1]) for t in ("a", "b")}
+    import ptqkit.export.deploy_bench as db
+
+    calls = []
+    real = db.ort_session
+
+    def session(path, threads):  # type: ignore[no-untyped-def]
+        sess = real(path, threads)
+        run = sess.run
+
+        class Spy:
+            def run(self, out, feed):  # type: ignore[no-untyped-def]
+                calls.append((path.stem, len(feed["input"])))
+                return run(out, feed)
+        return Spy()
+
+    monkeypatch.setattr(db, "ort_session", session)
+    res = interleaved_latency_ms(paths, x, LatencySpec(threads=1, batches=(1, 4), warmup=1, repeats=3))
+    assert set(res) == {"a", "b"} and all(set(v) == {"latency_b1_ms", "latency_b4_ms"} for v in res.values())
+    assert all(v > 0 for r in res.values() for v in r.values())
+    timed = calls[4:]  # after 1 warm-up per model and batch size
+    assert timed[:4] == [("a", 1), ("b", 1), ("a", 4), ("b", 4)]  # round-robin, not one after the other
+    assert len(timed) == 3 * 4
+
+
+def test_int_kernels_cover_adds_and_pooling():
+    assert {"QLinearAdd", "QLinearGlobalAveragePool", "QLinearConv", "QGemm"} <= set(INT_KERNELS)
