@@ -1,5 +1,6 @@
 """Deployment: ONNX QDQ export for ONNX Runtime (onnx.py), packed checkpoints (packed.py), the
-"int_outputs" step that makes every conv an integer kernel (int_outputs.py), and the deployment
+"int_outputs" step that quantizes the conv outputs, residual adds and pooling inputs ONNX Runtime
+needs to run the whole network in integer kernels (int_outputs.py), and the deployment
 benchmark (deploy_bench.py: latency, size, parity, ONNX Runtime's own quantizer as the peer).
 
 Containers (ONNX Runtime 1.32, x86 CPU): activations uint8/int8 per tensor (b < 8 bits: Clip to the

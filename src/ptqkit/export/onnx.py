@@ -13,10 +13,18 @@ the same scale and zero-point, at the same place:
 - bias: int32 with scale s_x * s_w[c] and zero-point 0 (what ONNX Runtime's fused kernels read),
   rounded half to even; the rounding error is at most s_x * s_w[c] / 2 per output.
 
+- module outputs quantized by the int_outputs step (``module.int_out``, e.g. residual adds):
+  per-tensor QDQ at the module's output.
+
 BatchNorm is already folded into the quantized layers by :func:`ptqkit.nn.prepare.prepare`.
-Residual adds, pooling and layers left in float stay float, as in the simulated model; a
-Conv/Gemm whose output is consumed by another QDQ pair is fused by ONNX Runtime into
-QLinearConv / QGemm, the others run as float kernels on exactly dequantized integers.
+The graph is then cleaned for ONNX Runtime's QDQ fusions, every rewrite exact
+(:func:`simplify_qdq`): Relu/Clip in front of a Q whose grid they cannot change are dropped,
+duplicate Qs of one tensor merged, DQ -> Q pairs with equal scale and zero-point skipped (shared
+quantizers), and a per-tensor Q after Flatten/Reshape moved in front of it. An op whose inputs
+come from DQ nodes and whose output goes into one Q is fused by ONNX Runtime into an integer
+kernel (QLinearConv, QGemm, QLinearAdd, QLinearGlobalAveragePool); ops left in float in the
+simulated model (e.g. an add the int_outputs step could not quantize) run as float kernels on
+exactly dequantized integers.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ from ..nn.modules import QuantModule, quant_layers
 from ..nn.prepare import set_module
 from .int_outputs import OUT_ATTR, output_quantizers
 
-__all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_session", "optimized_op_counts", "QDQLayer"]
+__all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_session", "optimized_op_counts",
+           "QDQLayer", "QDQTensor", "simplify_qdq"]
 
 log = logging.getLogger(__name__)
 INT32_MAX = 2**31 - 1
