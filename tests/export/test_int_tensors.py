@@ -156,3 +156,21 @@ def test_packed_roundtrip_with_shared_quantizers(relu_after, tiny_data, tmp_path
     assert hasattr(loaded.get_submodule("blocks.0"), OUT_ATTR)
     with torch.no_grad():
         torch.testing.assert_close(loaded(tiny_data), qmodel(tiny_data), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("a_bits", [6, 7])
+def test_sub_8bit_activations_keep_8bit_residuals(a_bits, tiny_data, tmp_path):
+    # consumers on a 6/7-bit grid do not donate their qparams: the residual stream gets its own
+    # 8-bit quantizers, and each consumer re-quantizes to its grid (still equal to ONNX Runtime)
+    recipe = ptqkit.Recipe(w_bits=4, a_bits=a_bits, w_symmetric=True, first_last_8bit=False,
+                           **FAST).with_steps("int_outputs")
+    qmodel = ptqkit.quantize(_model(True), tiny_data, recipe)
+    assert all(q.spec.bits == 8 for q in output_quantizers(qmodel).values())
+    assert qmodel.report.layer("stem.0")["o_range"] == "calibrated"
+    export_onnx(qmodel, tmp_path / "m.onnx", tiny_data[:1])
+    with torch.no_grad():
+        sim = qmodel(tiny_data).numpy()
+    out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
+    # one rounding flip on a coarse grid moves the output by about one a_bits step (bias int32
+    # rounding and float summation order flip some; as without int_outputs): 2 LSB of that grid
+    assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / (2**a_bits - 1)
