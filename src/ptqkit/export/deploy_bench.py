@@ -149,7 +149,7 @@ def interleaved_latency_ms(paths: dict[str, Path], sample: torch.Tensor,
                   for b in spec.batches} for tag in sessions}
 
 
-def integer_kernels(path: str | os.PathLike[str]) -> dict[str, int]:
+def integer_kernels(path: str | os.PathLike[str]) -> dict[str, Any]:
     """How many integer kernels (QLinearConv, QGemm, QLinearAdd, ...) and float Conv/Gemm ONNX
     Runtime really runs, and the count of every op type of its optimised graph."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,8 +252,8 @@ def deploy_recipe(suite: Any, cfg: Any) -> Any:
     from ..pipeline import Recipe
 
     calib = suite.calib(cfg.calib_size, cfg.seed)
-    order = prepare(suite.float_model, LayerPolicy(),
-                    lambda m: calib.forward(m, calib.batches[0])).ptq.layer_order
+    prepared = prepare(suite.float_model, LayerPolicy(), lambda m: calib.forward(m, calib.batches[0]))
+    order: list[str] = list(prepared.ptq.layer_order)  # type: ignore[union-attr, arg-type]
     w = min(cfg.w_bits, 7)
     overrides = {order[0]: (7, 8), order[-1]: (7, 8)} if cfg.first_last_8bit else {}
     return Recipe(w_bits=w, a_bits=cfg.a_bits, w_symmetric=True, first_last_8bit=False,

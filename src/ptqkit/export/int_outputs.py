@@ -32,7 +32,7 @@ import logging
 import operator
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -205,10 +205,10 @@ def install_output_quantizer(model: nn.Module, path: str, quantizer: nn.Module) 
         mod.register_forward_hook(_output_quant_hook)
 
 
-def output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+def output_quantizers(model: nn.Module) -> dict[str, Quantizer]:
     """{module path: quantizer} of every module output quantized by :func:`install_output_quantizer`."""
     return {n: getattr(m, OUT_ATTR) for n, m in model.named_modules()
-            if isinstance(getattr(m, OUT_ATTR, None), nn.Module)}
+            if isinstance(getattr(m, OUT_ATTR, None), Quantizer)}
 
 
 def _after(act: str | None, y: torch.Tensor) -> torch.Tensor:
@@ -240,10 +240,14 @@ def _collect(ctx: Context, sites: list[TensorSite], max_samples: int) -> dict[st
     return {n: torch.cat(p) for n, p in parts.items() if p}
 
 
+def _a_quant(ctx: Context, name: str) -> Quantizer:
+    return cast(QuantModule, ctx.qmodel.get_submodule(name)).a_quant  # consumers are QuantModules
+
+
 def _shared_source(ctx: Context, site: TensorSite, bits: int) -> tuple[str, Quantizer] | None:
     """(name, input quantizer) of the first consumer with a ``bits``-bit grid, or None."""
     for name in site.consumers:
-        aq = ctx.qmodel.get_submodule(name).a_quant
+        aq = _a_quant(ctx, name)
         if aq.active and aq.spec.bits == bits:
             return name, aq
     return None
@@ -254,7 +258,7 @@ def _unify_consumers(ctx: Context, site: TensorSite, q: Quantizer) -> None:
     """Give every other consumer with the same grid the shared qparams (they read the same tensor,
     so each was calibrated on the same data): their input quantizers become exact no-ops."""
     for name in site.consumers:
-        aq = ctx.qmodel.get_submodule(name).a_quant
+        aq = _a_quant(ctx, name)
         if aq.active and aq.spec == q.spec:
             aq.set_qparams(*q.qparams())
 

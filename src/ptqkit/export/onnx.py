@@ -106,6 +106,10 @@ class QDQLayer(nn.Module):
     is chosen so that torch.onnx emits QuantizeLinear/DequantizeLinear nodes.
     """
 
+    w_dq: torch.Tensor
+    w_scale: torch.Tensor
+    w_zp: torch.Tensor
+
     def __init__(self, layer: QuantModule) -> None:
         super().__init__()
         self.layer = layer

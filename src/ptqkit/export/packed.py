@@ -66,8 +66,8 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little")
     if stream.size < count * bits:
         raise ValueError(f"packed weights hold {stream.size // bits} values, expected {count}")
-    stream = stream[:count * bits].reshape(count, bits)
-    return np.packbits(stream, axis=1, bitorder="little").reshape(-1)
+    rows = stream[:count * bits].reshape(count, bits)
+    return np.packbits(rows, axis=1, bitorder="little").reshape(-1)
 
 
 _ENTRY = ("type", "shape", "w_bits", "w_symmetric", "a_bits", "a_symmetric", "w_enabled",
@@ -231,7 +231,8 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     for name, entry in _entries(meta).items():
         mod = mods.get(name)
         qcls = REGISTRY.get(type(mod)) if mod is not None else None
-        if qcls is None or qcls.__name__ != entry["type"] or list(mod.weight.shape) != entry["shape"]:
+        if (mod is None or qcls is None or qcls.__name__ != entry["type"]
+                or list(mod.weight.shape) != entry["shape"]):
             found = "missing" if mod is None else f"{type(mod).__name__}{list(mod.weight.shape)}"
             problems.append(f"{name} (map: {entry['type']}{entry['shape']}, model: {found})")
             continue
