@@ -174,3 +174,19 @@ def test_sub_8bit_activations_keep_8bit_residuals(a_bits, tiny_data, tmp_path):
     # one rounding flip on a coarse grid moves the output by about one a_bits step (bias int32
     # rounding and float summation order flip some; as without int_outputs): 2 LSB of that grid
     assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / (2**a_bits - 1)
+
+
+def test_run_dir_roundtrip_with_shared_quantizers(tiny_data, tmp_path):
+    from ptqkit.runs import ModelSource, load_run, save_run
+
+    (tmp_path / "net.py").write_text("from tests.export.test_int_tensors import ResNetLike\n\n"
+                                     "def make():\n    return ResNetLike(True)\n")
+    model = _model(True)
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    qmodel = ptqkit.quantize(model, tiny_data, DEPLOY)
+    save_run(tmp_path / "run", qmodel, ModelSource(f"{tmp_path / 'net.py'}:make", str(tmp_path / "w.pt")),
+             DEPLOY, tiny_data[:1])
+    loaded, _, _ = load_run(tmp_path / "run")
+    assert sorted(output_quantizers(loaded)) == ["blocks.0", "blocks.1"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tiny_data), qmodel(tiny_data), rtol=0, atol=0)
