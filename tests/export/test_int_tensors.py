@@ -190,3 +190,31 @@ def test_run_dir_roundtrip_with_shared_quantizers(tiny_data, tmp_path):
     assert sorted(output_quantizers(loaded)) == ["blocks.0", "blocks.1"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(tiny_data), qmodel(tiny_data), rtol=0, atol=0)
+
+
+class PooledStem(nn.Module):
+    """torchvision-ResNet-like stem: conv-bn-relu -> max-pool, which feeds the first skip branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.maxpool = nn.MaxPool2d(2)
+        self.block = Block(8, relu_after=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.block(x)), 1))
+
+
+def test_float_op_feeding_an_add_gets_a_shared_quantizer(tiny_data, tmp_path):
+    qmodel = ptqkit.quantize(PooledStem().eval(), tiny_data, DEPLOY)
+    assert sorted(output_quantizers(qmodel)) == ["block", "maxpool"]
+    export_onnx(qmodel, tmp_path / "m.onnx", tiny_data[:1])
+    ops = optimized_op_counts(tmp_path / "m.onnx", tmp_path)
+    assert ops["QLinearAdd"] == 1 and ops["Add"] == 0 and ops["QLinearConv"] == 3
+    with torch.no_grad():
+        sim = qmodel(tiny_data).numpy()
+    out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
+    assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / 255

@@ -163,26 +163,52 @@ def _conv_site(node: fx.Node, mods: dict[str, nn.Module]) -> TensorSite | None:
     return TensorSite(t.name, str(node.target), "o_quant", act)
 
 
-def plan_int_tensors(qmodel: nn.Module) -> tuple[list[TensorSite], list[str]]:
-    """The tensors to quantize for integer deployment, and notes on residual adds left float.
+def _source(node: fx.Node, mods: dict[str, nn.Module]) -> fx.Node:
+    """The producer of ``node``'s value, looking back through Identity modules (folded BNs)."""
+    while (node.op == "call_module" and isinstance(mods[str(node.target)], nn.Identity)
+           and node.args and isinstance(node.args[0], fx.Node)):
+        node = node.args[0]
+    return node
 
-    Raises ValueError if torch.fx cannot trace the model.
+
+def _module_output_site(t: fx.Node, scopes: dict[fx.Node, set[str]],
+                        skipped: list[str]) -> TensorSite | None:
+    if any(u.op == "output" for u in t.users):
+        return None  # the model output stays float
+    if (path := _output_module(t, scopes)) is None:
+        skipped.append(t.name)
+        return None
+    return TensorSite(t.name, path, "output")
+
+
+def plan_int_tensors(qmodel: nn.Module) -> tuple[list[TensorSite], list[str]]:
+    """The tensors to quantize for integer deployment, and the residual-add tensors left float.
+
+    Sites: conv outputs not read only by quantized layers (``o_quant``), residual-add outputs
+    (after a sole ReLU/ReLU6), and add inputs produced by other float ops (e.g. a max-pooled stem
+    feeding the first skip branch). Raises ValueError if torch.fx cannot trace the model.
     """
     graph = _trace(qmodel)
     mods = dict(qmodel.named_modules())
     scopes = _scope_paths(graph)
-    sites, skipped = [], []
+    sites: list[TensorSite] = []
+    skipped: list[str] = []
+    adds = [n for n in graph.nodes if _is_add(n)]
     for node in graph.nodes:
         if (site := _conv_site(node, mods)) is not None:
             sites.append(site)
-        elif _is_add(node):
-            t, _ = _through_activation(node, mods)
-            if any(u.op == "output" for u in t.users):
-                continue  # the model output stays float
-            if (path := _output_module(t, scopes)) is None:
-                skipped.append(t.name)
-                continue
-            sites.append(TensorSite(t.name, path, "output"))
+        elif node in adds and (site := _module_output_site(
+                _through_activation(node, mods)[0], scopes, skipped)) is not None:
+            sites.append(site)
+    for node in adds:  # add inputs that nothing above quantizes
+        for arg in (a for a in node.args if isinstance(a, fx.Node)):
+            src = _source(arg, mods)
+            known = {s.node for s in sites} | set(skipped)
+            if src.op == "call_module" and isinstance(mods[str(src.target)], QuantModule):
+                continue  # conv outputs are handled above; other layers' outputs stay as they are
+            if src.op != "placeholder" and src.name not in known and (
+                    site := _module_output_site(src, scopes, skipped)) is not None:
+                sites.append(site)
     nodes = {n.name: n for n in graph.nodes}
     for s in sites:
         s.consumers = [str(u.target) for u in _users(nodes[s.node], mods)
