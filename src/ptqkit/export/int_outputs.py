@@ -13,7 +13,9 @@ deployed model stay the same function:
 - residual adds (after a following ReLU/ReLU6 when that is their only consumer) get a shared
   quantizer on the output of the module that returns them (``module.int_out``, applied by a
   forward hook), so that every consumer - the next block's convs and the skip branch of the next
-  add, or the pooling - sees the SAME quantized tensor.
+  add, or the pooling - sees the SAME quantized tensor;
+- add inputs produced by other float ops (e.g. a max-pooled stem feeding the first skip branch)
+  get such a module output quantizer too.
 
 Shared qparams: when a quantized layer with an 8-bit input quantizer consumes the tensor, the new
 quantizer copies that layer's scale and zero-point (Q is idempotent with equal qparams, so that
