@@ -39,7 +39,8 @@ def test_interleaved_latency_reports_every_model_and_batch(tmp_path, monkeypatch
     assert set(res) == {"a", "b"} and all(set(v) == {"latency_b1_ms", "latency_b4_ms"} for v in res.values())
     assert all(v > 0 for r in res.values() for v in r.values())
     timed = calls[4:]  # after 1 warm-up per model and batch size
-    assert timed[:4] == [("a", 1), ("b", 1), ("a", 4), ("b", 4)]  # round-robin, not one after the other
+    # round-robin (not one model after the other), the order rotating from repeat to repeat
+    assert timed[:8] == [("a", 1), ("b", 1), ("a", 4), ("b", 4), ("b", 1), ("a", 1), ("b", 4), ("a", 4)]
     assert len(timed) == 3 * 4
 
 

@@ -130,8 +130,9 @@ def latency_ms(path: str | os.PathLike[str], sample: torch.Tensor, spec: Latency
 def interleaved_latency_ms(paths: dict[str, Path], sample: torch.Tensor,
                            spec: LatencySpec) -> dict[str, dict[str, float]]:
     """{tag: {latency_b<B>_ms: median}} with the models timed round-robin: every repeat runs each
-    model once per batch size, so load changes on a busy machine hit all models alike. ``warmup``
-    runs per model and batch size are discarded first."""
+    model once per batch size (the order rotating from repeat to repeat, so no model always runs
+    right after the same other one), so load changes on a busy machine hit all models alike.
+    ``warmup`` runs per model and batch size are discarded first."""
     sessions = {tag: ort_session(p, spec.threads) for tag, p in paths.items()}
     feeds = {b: {"input": sample[:b].numpy()} for b in spec.batches}
     for sess in sessions.values():
@@ -139,11 +140,12 @@ def interleaved_latency_ms(paths: dict[str, Path], sample: torch.Tensor,
             for _ in range(spec.warmup):
                 sess.run(None, feed)
     times: dict[tuple[str, int], list[float]] = {(t, b): [] for t in sessions for b in spec.batches}
-    for _ in range(spec.repeats):
+    tags = list(sessions)
+    for r in range(spec.repeats):
         for b, feed in feeds.items():
-            for tag, sess in sessions.items():
+            for tag in tags[r % len(tags):] + tags[:r % len(tags)]:  # rotate: no fixed position
                 t0 = time.perf_counter()
-                sess.run(None, feed)
+                sessions[tag].run(None, feed)
                 times[tag, b].append(time.perf_counter() - t0)
     return {tag: {f"latency_b{b}_ms": 1000 * statistics.median(times[tag, b])
                   for b in spec.batches} for tag in sessions}
