@@ -218,3 +218,17 @@ def test_float_op_feeding_an_add_gets_a_shared_quantizer(tiny_data, tmp_path):
         sim = qmodel(tiny_data).numpy()
     out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
     assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / 255
+
+
+def test_biases_sit_on_the_int32_grid(tiny_data):
+    from ptqkit.export.int_outputs import snap_bias
+
+    # hand-checkable: s_x * s_w = 0.5 * [0.1, 0.2] -> grid steps 0.05 and 0.1
+    got = snap_bias(torch.tensor([0.12, -0.26]), torch.tensor(0.5), torch.tensor([0.1, 0.2]))
+    torch.testing.assert_close(got, torch.tensor([0.1, -0.3]), rtol=0, atol=1e-7)
+    qmodel = ptqkit.quantize(_model(True), tiny_data, DEPLOY)
+    for layer in quant_layers(qmodel).values():
+        step = (layer.a_quant.qparams()[0] * layer.w_quant.qparams()[0]).double()
+        k = layer.bias.double() / step
+        torch.testing.assert_close(k, torch.round(k), rtol=1e-6, atol=1e-6)  # float32 bias
+    assert any("biases snapped" in n for n in qmodel.report.notes)

@@ -47,6 +47,7 @@ from ..nn.modules import QuantConv1d, QuantConv2d, QuantModule
 from ..ranges import get_range_method
 
 __all__ = ["IntOutputsOptions", "IntOutputs", "TensorSite", "layers_needing_output_quant",
+           "snap_bias", "snap_biases",
            "plan_int_tensors", "attach_output_quantizers", "install_output_quantizer",
            "output_quantizers", "OUT_ATTR"]
 
@@ -327,14 +328,42 @@ def attach_output_quantizers(ctx: Context, sites: list[TensorSite], method: str,
     return how
 
 
+def snap_bias(bias: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """The bias on the int32 grid the integer kernels add it on: round(b / (s_x s_w)) * s_x s_w.
+
+    bias, s_w: (C,); s_x: per-tensor input scale. The product s_x * s_w is formed in float32 as
+    the export does, so the export's rounding gives back the same integers exactly.
+    """
+    scale = (s_x.float().reshape(()) * s_w.float()).reshape(-1)
+    k = torch.round(bias.double() / scale.double())
+    return (k * scale.double()).float()
+
+
+@torch.no_grad()
+def snap_biases(qmodel: nn.Module) -> float:
+    """Snap the bias of every layer with active input and weight quantizers to its int32 grid
+    (ONNX Runtime's QLinearConv / QGemm add the bias as int32): the simulated model then adds
+    exactly what the integer kernel adds. Returns the largest change (absolute)."""
+    change = 0.0
+    for layer in (m for m in qmodel.modules() if isinstance(m, QuantModule)):
+        if layer.bias is None or not (layer.a_quant.active and layer.w_quant.active):
+            continue
+        new = snap_bias(layer.bias, layer.a_quant.qparams()[0], layer.w_quant.qparams()[0])
+        change = max(change, float((new - layer.bias).abs().max()))
+        layer.bias.copy_(new.reshape(layer.bias.shape))
+    return change
+
+
 @dataclass(frozen=True)
 class IntOutputsOptions:
     """range: range method for freshly calibrated quantizers (None: the recipe's activation
-    method). bits: their bit width (and the input grid whose qparams are shared)."""
+    method). bits: their bit width (and the input grid whose qparams are shared). snap_bias: put
+    biases on the int32 grid of the integer kernels (s_x * s_w), so simulated == deployed."""
 
     range: str | None = None
     bits: int = 8
     max_samples: int = 1 << 18
+    snap_bias: bool = True
 
     def __post_init__(self) -> None:
         if self.range is not None:
@@ -358,6 +387,9 @@ class IntOutputs(Step):
         method = self.options.range or ctx.report.recipe.get("a_range", "mse")
         how = attach_output_quantizers(ctx, sites, method, self.options.bits,
                                        self.options.max_samples)
+        if self.options.snap_bias:
+            ctx.report.notes.append("int_outputs: biases snapped to their int32 grid (largest "
+                                    f"change {snap_biases(ctx.qmodel):.2e})")
         convs = sorted(s.site for s in sites if s.kind == "o_quant")
         outs = {s.site: how.get(s.node) for s in sites if s.kind == "output"}
         ctx.report.notes.append(f"int_outputs: {len(convs)} conv outputs and {len(outs)} module "
