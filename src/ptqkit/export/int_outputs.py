@@ -381,13 +381,13 @@ class IntOutputs(Step):
         try:
             sites, skipped = plan_int_tensors(ctx.qmodel)
         except ValueError as exc:
-            log.warning("int_outputs skipped: %s; residual adds and conv outputs stay float", exc)
+            log.warning("int_outputs: %s; residual adds and conv outputs stay float", exc)
             ctx.report.notes.append(f"int_outputs skipped: {exc}")
-            return {"layers": [], "tensors": {}, "seconds": time.perf_counter() - t0}
+            sites, skipped = [], []
         method = self.options.range or ctx.report.recipe.get("a_range", "mse")
         how = attach_output_quantizers(ctx, sites, method, self.options.bits,
                                        self.options.max_samples)
-        if self.options.snap_bias:
+        if self.options.snap_bias:  # after attaching: that may unify consumers' input scales
             ctx.report.notes.append("int_outputs: biases snapped to their int32 grid (largest "
                                     f"change {snap_biases(ctx.qmodel):.2e})")
         convs = sorted(s.site for s in sites if s.kind == "o_quant")
