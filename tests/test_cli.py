@@ -57,6 +57,8 @@ def test_quantize_user_model_writes_run_that_reloads(user_model, tmp_path: Path,
     (["quantize", "fmnist-resnet20", "--w-bits", "1", "--out", "X"], "bits"),
     (["quantize", "fmnist-resnet20", "--range", "bogus", "--out", "X"], "unknown range method"),
     (["bench", "--suite", "nope", "--methods", "minmax"], "unknown suite"),
+    (["bench", "--suite", "fmnist-resnet20", "--deploy", "--latency-threads", "0"],
+     "latency_threads must be >= 1"),
     (["eval", "/nonexistent"], "not a ptqkit run directory"),
 ])
 def test_bad_input_is_one_line_error(argv, message: str, capsys, tmp_path, monkeypatch) -> None:

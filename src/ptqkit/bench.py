@@ -41,11 +41,14 @@ class BenchConfig:
     calib_size: int = 1000
     seed: int = 0
     data_dir: str | None = None
+    latency_threads: int = 2  # ONNX Runtime intra-op threads of the deploy row's latencies
 
     def __post_init__(self) -> None:
         Recipe(w_bits=self.w_bits, a_bits=self.a_bits)  # validates bits
         if self.calib_size < 1:
             raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
+        if self.latency_threads < 1:
+            raise ValueError(f"latency_threads must be >= 1, got {self.latency_threads}")
 
     def recipe(self, **kw: Any) -> Recipe:
         return Recipe.from_dict({"w_bits": self.w_bits, "a_bits": self.a_bits,
@@ -136,8 +139,8 @@ def _ort_peer(method: str) -> Callable[[Suite, BenchConfig], dict[str, Any]]:
 
 
 def _deploy(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
-    from .export.deploy_bench import deploy_recipe, deploy_row
-    return deploy_row(suite, cfg, deploy_recipe(suite, cfg))
+    from .export.deploy_bench import LatencySpec, deploy_recipe, deploy_row
+    return deploy_row(suite, cfg, deploy_recipe(suite, cfg), LatencySpec(threads=cfg.latency_threads))
 
 
 RUNNERS.update({m: _ort_peer(m) for m in ("ort-minmax", "ort-entropy", "ort-percentile")})

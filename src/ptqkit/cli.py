@@ -155,7 +155,7 @@ def _calib_study(args: argparse.Namespace, methods: list[str], cfg: bench_mod.Be
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
-                                args.calib_size, args.seed, args.data_dir)
+                                args.calib_size, args.seed, args.data_dir, args.latency_threads)
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     methods += ["deploy"] if args.deploy else []
     if args.calib_sizes:
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench_mod.SUITES))}")
     b.add_argument("--methods", help="comma-separated method names")
     b.add_argument("--deploy", action="store_true", help="add ONNX Runtime latency/size/parity row")
+    b.add_argument("--latency-threads", type=int, default=2,
+                   help="ONNX Runtime intra-op threads for the --deploy latencies (default 2)")
     b.add_argument("--w-bits", type=int, default=4)
     b.add_argument("--a-bits", type=int, default=4)
     b.add_argument("--no-first-last-8bit", action="store_true")
