@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ class SweepConfig:
     data_dir: str | None = None
     tuner_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     table_dir: str | None = None
+    alternatives: int = 4
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
@@ -79,7 +82,14 @@ class SweepConfig:
             raise ValueError("give at least one compression, e.g. --compressions 0.25,0.13")
         for c in self.compressions:
             Budget("compression", c)
-        MixedPrecisionOptions(candidates=self.candidates, compression=0.25)
+        MixedPrecisionOptions(candidates=self.candidates, compression=0.25,
+                              alternatives=self.alternatives)
+
+    def table_key(self, tuner: str) -> dict[str, Any]:
+        """What a saved table depends on besides the model: reloaded only when this matches."""
+        return {"tuner": tuner, "tuner_options": dict(self.tuner_options.get(tuner, {})),
+                "candidates": self.candidates, "first_last_8bit": self.first_last_8bit,
+                "calib_size": self.calib_size, "seed": self.seed}
 
 
 def with_mixed_precision(recipe: Recipe, **options: Any) -> Recipe:
@@ -115,26 +125,63 @@ def _float_outputs(model: nn.Module, calib: CalibrationData) -> list[torch.Tenso
 
 def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
              tuner: str, cfg: SweepConfig) -> Session:
+    """A session with its table: loaded from ``cfg.table_dir`` (with the tuned layer states saved
+    beside it) when it was measured for the same settings, else measured and saved there."""
     recipe = base.report.recipe  # type: ignore[union-attr, operator]
     factory = TUNERS[tuner]
     session = Session(base, calib, float_out, "auto",
                       factory(recipe, cfg.seed, dict(cfg.tuner_options.get(tuner, {}))))
     mp = MixedPrecisionOptions(candidates=cfg.candidates, compression=0.25)
     options, allowed = allowed_options(list(quant_layers(base)), mp, cfg.first_last_8bit)
-    path = Path(cfg.table_dir) / f"{suite.name}-{tuner}.json" if cfg.table_dir else None
-    saved = SensitivityTable.load(path) if path is not None and path.is_file() else None
-    if saved is not None and saved.options == options and saved.layers == list(allowed):
-        session.use_table(saved)  # measured before: re-solve without re-measuring
-        log.info("%s: %s sensitivity table loaded from %s", suite.name, tuner, path)
+    paths = _table_paths(cfg, suite.name, tuner)
+    saved = _load_table(paths, options, allowed, cfg.table_key(tuner), calib.num_samples)
+    if saved is not None:
+        states = Session.load_states(paths[1]) if paths[1].is_file() else {}
+        session.use_table(saved, states)  # measured before: re-solve without re-measuring
+        log.info("%s: %s sensitivity table loaded from %s (%d tuned layer states)", suite.name,
+                 tuner, paths[0], len(states))
         return session
     t0 = time.perf_counter()
     table = session.measure(options, allowed)
-    table.meta["seconds"] = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(path)
+    table.meta.update(seconds=time.perf_counter() - t0, sweep_key=cfg.table_key(tuner))
+    _save_session(session, paths)
     log.info("%s: %s sensitivity table in %.1fs", suite.name, tuner, table.meta["seconds"])
     return session
+
+
+def _table_paths(cfg: SweepConfig, suite: str, tuner: str) -> tuple[Path, Path] | None:
+    if not cfg.table_dir:
+        return None
+    d = Path(cfg.table_dir)
+    return d / f"{suite}-{tuner}.json", d / f"{suite}-{tuner}.states.pt"
+
+
+def _load_table(paths: tuple[Path, Path] | None, options: list[Any], allowed: dict[str, list[Any]],
+                key: dict[str, Any], calib_samples: int) -> SensitivityTable | None:
+    """The saved table if it fits: same options, same layers (any order: rows are matched by
+    name), same allowed options per layer and, when recorded, the same settings."""
+    if paths is None or not paths[0].is_file():
+        return None
+    t = SensitivityTable.load(paths[0])
+    fits = (t.options == options and sorted(t.layers) == sorted(allowed)
+            and all(t.allowed[i].tolist() == [o in allowed[n] for o in options]
+                    for i, n in enumerate(t.layers))
+            and t.meta.get("sweep_key", key) == key
+            and t.meta.get("calib_samples", calib_samples) == calib_samples)
+    if not fits:
+        log.warning("%s was measured for other settings; measuring again", paths[0])
+    return t if fits else None
+
+
+def _save_session(session: Session, paths: tuple[Path, Path] | None) -> None:
+    """Table (JSON) and tuned layer states (torch file), each written atomically."""
+    if paths is None or session.table is None:
+        return
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, write in ((paths[0], session.table.save), (paths[1], session.save_states)):
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
 
 
 def _post_steps(model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
@@ -153,16 +200,19 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     row: dict[str, Any] = {"suite": suite.name, "method": method, "budget": c,
                            "candidates": cfg.candidates, "fp32_top1": suite.fp32_top1}
     t0 = time.perf_counter()
+    model = copy.deepcopy(base)
     try:
-        sol = session.solve(Budget("compression", c), m.solver)
+        sol, alts = session.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
+                                           model)
     except InfeasibleBudgetError as err:
         return {**row, "error": str(err), "smallest_feasible": err.smallest}
     key = (tuple(sol.choice), m.tuner, m.post)
     if key in seen:  # same configuration as an earlier point (e.g. all-8-bit): same numbers
         return {**seen[key], **row, "status": sol.status, "same_as": seen[key]["method"],
-                "seconds": 0.0}
-    model = session.apply(sol, copy.deepcopy(base))
-    expected, measured_ip = sol.predicted["loss"], session.measured_loss(model)
+                "alternatives": alts, "seconds": time.perf_counter() - t0}
+    expected = sol.predicted["loss"]
+    measured_ip = (min(a["measured_loss"] for a in alts) if alts  # the winner's, measured already
+                   else session.measured_loss(model))
     post = _post_steps(model, session.calib, session.float_out, m.post, cfg.seed)
     res = suite.evaluate(model)
     assert session.table is not None
@@ -172,7 +222,7 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
         "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
         "calib_loss_after_post": session.measured_loss(model) if post else measured_ip,
-        "post": [p["step"] for p in post],
+        "post": [p["step"] for p in post], "alternatives": alts,
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
@@ -185,15 +235,21 @@ def _delta(res: dict[str, Any]) -> float | None:
 
 
 def run_sweep(suite_name: str, cfg: SweepConfig,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+              on_row: Callable[[dict[str, Any]], None] | None = None,
+              done: Collection[tuple[str, float | None]] = ()) -> list[dict[str, Any]]:
     """Rows: one per (method, compression), plus one 'table' row per measured sensitivity table.
 
     Compressions are the outer loop (in the order given) so that a sweep cut short still compares
     every method at the first compressions; a table is measured when a method first needs it.
-    ``on_row`` sees every row as soon as it exists (e.g. to save partial results).
+    ``on_row`` sees every row as soon as it exists (e.g. to save partial results); ``done``:
+    (method, budget) points already measured (table rows: budget None), skipped (resume).
     """
     if suite_name not in bench.SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(bench.SUITES))}")
+    points = [(c, m) for c in cfg.compressions for m in cfg.methods if (m, c) not in done]
+    if not points:
+        log.info("%s: every point is done already", suite_name)
+        return []
     suite = bench.SUITES[suite_name](bench.BenchConfig(first_last_8bit=cfg.first_last_8bit,
                                                        calib_size=cfg.calib_size, seed=cfg.seed,
                                                        data_dir=cfg.data_dir))
@@ -209,13 +265,16 @@ def run_sweep(suite_name: str, cfg: SweepConfig,
         if on_row is not None:
             on_row(row)
 
-    points = [(c, m) for c in cfg.compressions for m in cfg.methods]
     for c, m in tqdm(points, desc=f"sweep {suite.name}", disable=None):
         tuner = SWEEP_METHODS[m].tuner
         if tuner not in sessions:
             sessions[tuner] = _session(suite, base, calib, float_out, tuner, cfg)
-            emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
+            if (f"table:{tuner}", None) not in done:
+                emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
+        n_states = len(sessions[tuner].states)
         emit(_point(suite, sessions[tuner], base, m, c, cfg, seen))
+        if len(sessions[tuner].states) > n_states:  # tuned lazily (loaded table): keep them too
+            _save_session(sessions[tuner], _table_paths(cfg, suite.name, tuner))
         log.info("%s %s @%.3f: top-1 %s (float %.2f)", suite.name, m, c,
                  rows[-1].get("quant_top1"), suite.fp32_top1)
     return rows
@@ -278,10 +337,25 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--data-dir")
     s.add_argument("--adaquant-iters", type=int, help="AdaQuant steps per (layer, candidate) "
                    "for the advanced method (default: AdaQuantOptions.iters)")
-    s.add_argument("--tables", help="folder for the sensitivity tables (JSON)")
+    s.add_argument("--tables", help="folder for the sensitivity tables (JSON) and tuned layer "
+                   "states; a table measured for the same settings is reloaded, not re-measured")
+    s.add_argument("--alternatives", type=int, default=SweepConfig.alternatives,
+                   help="IP methods: measure the k best IP solutions on the calibration set and "
+                   "keep the best measured (1 = the IP optimum only)")
     s.add_argument("--plot", help="write the curve here (PNG)")
     s.add_argument("--json", help="write the rows as JSON here")
     s.set_defaults(func=cmd_sweep)
+
+
+def _resume(path: str | None) -> list[dict[str, Any]]:
+    """Rows of an earlier run written to the same --json (its points are skipped), else []."""
+    if not path or not Path(path).is_file():
+        return []
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} does not hold sweep rows (a JSON list); pass another --json")
+    log.info("resuming: %d rows already in %s", len(rows), path)
+    return rows
 
 
 def cmd_sweep(args: Any) -> int:
@@ -289,18 +363,19 @@ def cmd_sweep(args: Any) -> int:
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                       candidates=args.candidates, first_last_8bit=not args.no_first_last_8bit,
                       calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
-                      table_dir=args.tables,
+                      table_dir=args.tables, alternatives=args.alternatives,
                       tuner_options={"adaquant": {"iters": args.adaquant_iters}}
                       if args.adaquant_iters else {})
-    rows: list[dict[str, Any]] = []
+    rows = _resume(args.json)
 
     def save(row: dict[str, Any]) -> None:
         rows.append(row)
-        if args.json:  # after every point, so a long sweep keeps what it measured
+        if args.json:  # after every point (atomic), so a long sweep keeps what it measured
             bench.write_json(rows, args.json)
 
     for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
-        run_sweep(suite, cfg, on_row=save)
+        done = {(r["method"], r.get("budget")) for r in rows if r.get("suite") == suite}
+        run_sweep(suite, cfg, on_row=save, done=done)
     points = [r for r in rows if not str(r["method"]).startswith("table:")]
     print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
                                         "quant_top1", "delta", "expected_calib_loss",
