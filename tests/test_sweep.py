@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -47,14 +48,91 @@ def test_sweep_rows_and_plot(tiny_suite: str, tmp_path) -> None:
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
-def test_sweep_reuses_saved_table(tiny_suite: str, tmp_path, monkeypatch) -> None:
-    cfg = sweep.SweepConfig(compressions=(0.15,), methods=("ip",), candidates="w8a8,w4a4,w2a2",
-                            first_last_8bit=False, calib_size=64, table_dir=str(tmp_path))
-    first = sweep.run_sweep(tiny_suite, cfg)
-    monkeypatch.setattr(sweep.Session, "measure", lambda *a: pytest.fail("table re-measured"))
-    again = sweep.run_sweep(tiny_suite, cfg)
-    assert again[1]["bits"] == first[1]["bits"]
-    assert again[1]["quant_top1"] == first[1]["quant_top1"]
+class LateDefined(nn.Module):
+    """Modules defined in another order than they run (like a ResNet downsample): the table must
+    follow the execution order, or a reloaded table does not line up and is measured again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.down = nn.Conv2d(1, 8, 1)
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x)) + self.down(x)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.fixture
+def late_suite(tiny_data, monkeypatch) -> str:
+    model = LateDefined().eval()
+    with torch.no_grad():
+        y = model(tiny_data).argmax(1)
+    monkeypatch.setitem(bench.SUITES, "late", lambda cfg: bench.Suite(
+        "late", model, tiny_data, y, lambda n, seed: CalibrationData(tiny_data, limit=n)))
+    return "late"
+
+
+def test_sweep_reuses_saved_table(late_suite: str, tmp_path, monkeypatch) -> None:
+    from ptqkit.algorithms import mixed_precision
+
+    cfg = sweep.SweepConfig(compressions=(0.15, 0.1), methods=("ip", "greedy-accuracy"),
+                            candidates="w8a8,w4a4,w2a2", first_last_8bit=False, calib_size=64,
+                            table_dir=str(tmp_path))
+    first = sweep.run_sweep(late_suite, cfg)
+    assert first[0]["table"]["layers"] == ["conv1", "down", "fc"]  # execution order
+    assert (tmp_path / "late-ranges.states.pt").is_file()
+
+    def fail(*args: object, **kw: object) -> None:
+        pytest.fail("the saved table was measured or tuned again")
+
+    monkeypatch.setattr(mixed_precision, "measure_table", fail)
+    monkeypatch.setattr(sweep.Session, "_tune", fail)
+    again = sweep.run_sweep(late_suite, cfg)
+    for a, b in zip(first[1:], again[1:]):
+        assert (a["method"], a["bits"], a["quant_top1"]) == (b["method"], b["bits"], b["quant_top1"])
+        assert a["measured_calib_loss"] == b["measured_calib_loss"]
+    # other settings: the table does not fit and is measured again (here: fails loudly)
+    with pytest.raises(pytest.fail.Exception):
+        sweep.run_sweep(late_suite, dataclasses.replace(cfg, seed=1))
+
+
+def test_sweep_resumes_from_its_json(tiny_suite: str, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "rows.json"
+    argv = ["sweep", "--suite", tiny_suite, "--compressions", "0.2,0.15", "--methods", "ip",
+            "--calib-size", "32", "--json", str(out)]
+    assert cli.main(argv[:4] + ["0.2"] + argv[5:]) == 0
+    assert [r.get("budget") for r in json.loads(out.read_text())] == [None, 0.2]
+    calls: list[float] = []
+    real = sweep._point
+    monkeypatch.setattr(sweep, "_point", lambda *a: calls.append(a[4]) or real(*a))
+    assert cli.main(argv) == 0  # only 0.15 is new
+    assert calls == [0.15]
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r.get("budget")) for r in rows] == [("table:ranges", None), ("ip", 0.2),
+                                                          ("ip", 0.15)]
+    monkeypatch.setattr(sweep, "_base_model", lambda *a: pytest.fail("nothing left to do"))
+    assert cli.main(argv) == 0 and len(json.loads(out.read_text())) == 3
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_advanced_adaquant_once_per_suite(tiny_suite: str, tmp_path, monkeypatch) -> None:
+    """Parallel AdaQuant per (layer, candidate bits) runs while the table is measured, once per
+    suite; every compression after that stitches the cached results."""
+    from ptqkit.algorithms import adaquant
+
+    calls: list[int] = []
+    real = adaquant.adaquant_layer
+    monkeypatch.setattr(adaquant, "adaquant_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = sweep.SweepConfig(compressions=(0.25, 0.15, 0.1), methods=("advanced",),
+                            candidates="w8a8,w4a4,w2a2", first_last_8bit=False, calib_size=32,
+                            tuner_options={"adaquant": {"iters": 2, "eval_every": 1}})
+    rows = sweep.run_sweep(tiny_suite, cfg)
+    assert len(calls) == 3 * 3  # 3 layers x 3 candidates, not once more per compression
+    pts = [r for r in rows if r["method"] == "advanced"]
+    assert [r["post"] for r in pts] == [["bn_tuning", "bias_tuning"]] * 3
+    assert all(r["compression"] <= r["budget"] + 1e-12 for r in pts)
+    assert all(r["quant_top1"] is not None for r in pts)
 
 
 def test_sweep_cli_and_bad_input(tiny_suite: str, tmp_path, capsys) -> None:
