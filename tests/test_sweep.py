@@ -114,6 +114,8 @@ def test_sweep_resumes_from_its_json(tiny_suite: str, tmp_path, monkeypatch) -> 
     monkeypatch.setattr(sweep, "_base_model", lambda *a: pytest.fail("nothing left to do"))
     assert cli.main(argv) == 0 and len(json.loads(out.read_text())) == 3
     assert not list(tmp_path.glob("*.tmp"))
+    assert cli.main(argv + ["--report-only", "--plot", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").is_file()
 
 
 def test_advanced_adaquant_once_per_suite(tiny_suite: str, tmp_path, monkeypatch) -> None:

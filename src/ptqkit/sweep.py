@@ -127,7 +127,7 @@ def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_
              tuner: str, cfg: SweepConfig) -> Session:
     """A session with its table: loaded from ``cfg.table_dir`` (with the tuned layer states saved
     beside it) when it was measured for the same settings, else measured and saved there."""
-    recipe = base.report.recipe  # type: ignore[union-attr, operator]
+    recipe: Mapping[str, Any] = base.report.recipe  # type: ignore[union-attr, operator, assignment]
     factory = TUNERS[tuner]
     session = Session(base, calib, float_out, "auto",
                       factory(recipe, cfg.seed, dict(cfg.tuner_options.get(tuner, {}))))
@@ -135,7 +135,7 @@ def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_
     options, allowed = allowed_options(list(quant_layers(base)), mp, cfg.first_last_8bit)
     paths = _table_paths(cfg, suite.name, tuner)
     saved = _load_table(paths, options, allowed, cfg.table_key(tuner), calib.num_samples)
-    if saved is not None:
+    if saved is not None and paths is not None:
         states = Session.load_states(paths[1]) if paths[1].is_file() else {}
         session.use_table(saved, states)  # measured before: re-solve without re-measuring
         log.info("%s: %s sensitivity table loaded from %s (%d tuned layer states)", suite.name,
@@ -343,7 +343,10 @@ def add_sweep_parser(sub: Any) -> None:
                    help="IP methods: measure the k best IP solutions on the calibration set and "
                    "keep the best measured (1 = the IP optimum only)")
     s.add_argument("--plot", help="write the curve here (PNG)")
-    s.add_argument("--json", help="write the rows as JSON here")
+    s.add_argument("--json", help="write the rows as JSON here; rows already in it are kept and "
+                   "their points skipped (resume)")
+    s.add_argument("--report-only", action="store_true",
+                   help="measure nothing: print the table and plot from the rows in --json")
     s.set_defaults(func=cmd_sweep)
 
 
@@ -373,7 +376,9 @@ def cmd_sweep(args: Any) -> int:
         if args.json:  # after every point (atomic), so a long sweep keeps what it measured
             bench.write_json(rows, args.json)
 
-    for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
+    if args.report_only and not rows:
+        raise ValueError("--report-only needs --json FILE holding the rows of a sweep")
+    for suite in (s.strip() for s in args.suite.split(",") if s.strip() and not args.report_only):
         done = {(r["method"], r.get("budget")) for r in rows if r.get("suite") == suite}
         run_sweep(suite, cfg, on_row=save, done=done)
     points = [r for r in rows if not str(r["method"]).startswith("table:")]
