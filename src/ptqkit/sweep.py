@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import bench
 from .algorithms import STEPS
 from .algorithms.base import Context, Report, options_from_dict
-from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable
+from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable, Solution
 from .algorithms.mixed_precision import TUNERS, MixedPrecisionOptions, Session, allowed_options
 from .calib.data import CalibrationData
 from .evaluate import compression_ratio
@@ -202,8 +202,7 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     try:
-        sol, alts = session.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
-                                           model)
+        sol, alts = _solve(session, m, c, cfg, model, seen)
     except InfeasibleBudgetError as err:
         return {**row, "error": str(err), "smallest_feasible": err.smallest}
     key = (tuple(sol.choice), m.tuner, m.post)
@@ -226,6 +225,19 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
+
+
+def _solve(session: Session, m: SweepMethod, c: float, cfg: SweepConfig, model: nn.Module,
+           seen: dict[Any, Any]) -> tuple[Solution, list[dict[str, float]]]:
+    """Solve (and, for the IP, rank the alternatives on the calibration set) once per (tuner,
+    solver, budget): light reuses the choice of ip, which it shares before BN tuning."""
+    key = ("solved", m.tuner, m.solver, c)
+    if key not in seen:
+        seen[key] = session.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
+                                           model)
+    else:
+        session.apply(seen[key][0], model)
+    return seen[key]  # type: ignore[no-any-return]
 
 
 def _delta(res: dict[str, Any]) -> float | None:
