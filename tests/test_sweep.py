@@ -155,3 +155,18 @@ def test_with_mixed_precision_replaces_budget() -> None:
     assert dict(r2.steps[0].options) == {"max_drop": 1.0}
     with pytest.raises(ValueError, match="no mixed_precision step"):
         sweep.with_mixed_precision(Recipe(), compression=0.2)
+
+
+def test_base_ranges_do_not_matter(tiny_suite: str, monkeypatch) -> None:
+    """The sweep prepares its base with cheap min-max ranges: every point stitches a tuned state
+    into every layer, so MSE ranges on the base give the same rows."""
+    from ptqkit.pipeline import quantize
+
+    cfg = sweep.SweepConfig(compressions=(0.2, 0.1), methods=("ip", "greedy-accuracy"),
+                            candidates="w8a8,w4a4,w2a2", first_last_8bit=False, calib_size=64)
+    fast = sweep.run_sweep(tiny_suite, cfg)
+    monkeypatch.setattr(sweep, "_base_model", lambda suite, calib, cfg: quantize(
+        suite.float_model, calib, Recipe(first_last_8bit=False), forward_fn=suite.forward_fn))
+    for a, b in zip(fast[1:], sweep.run_sweep(tiny_suite, cfg)[1:]):
+        keys = ("bits", "measured_calib_loss", "kl")
+        assert [a[k] for k in keys] == [b[k] for k in keys]

@@ -111,8 +111,17 @@ def with_mixed_precision(recipe: Recipe, **options: Any) -> Recipe:
 
 
 def _base_model(suite: bench.Suite, calib: CalibrationData, cfg: SweepConfig) -> nn.Module:
-    recipe = Recipe(w_bits=8, a_bits=8, first_last_8bit=cfg.first_last_8bit, seed=cfg.seed)
+    """The prepared model (BN folded, layers swapped). Its ranges do not matter: every point
+    stitches a tuned state into every layer, so the cheap min-max ranges are enough here (the
+    tuners use the ranges of ``_tuner_recipe``)."""
+    recipe = Recipe(w_bits=8, a_bits=8, first_last_8bit=cfg.first_last_8bit, seed=cfg.seed,
+                    w_range="minmax", a_range="minmax")
     return quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
+
+
+def _tuner_recipe(cfg: SweepConfig) -> dict[str, Any]:
+    """The recipe the tuners take their range methods from (the defaults: MSE ranges)."""
+    return Recipe(first_last_8bit=cfg.first_last_8bit, seed=cfg.seed).to_dict()
 
 
 @torch.no_grad()
@@ -127,7 +136,7 @@ def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_
              tuner: str, cfg: SweepConfig) -> Session:
     """A session with its table: loaded from ``cfg.table_dir`` (with the tuned layer states saved
     beside it) when it was measured for the same settings, else measured and saved there."""
-    recipe: Mapping[str, Any] = base.report.recipe  # type: ignore[union-attr, operator, assignment]
+    recipe = _tuner_recipe(cfg)
     factory = TUNERS[tuner]
     session = Session(base, calib, float_out, "auto",
                       factory(recipe, cfg.seed, dict(cfg.tuner_options.get(tuner, {}))))
