@@ -170,3 +170,17 @@ def test_base_ranges_do_not_matter(tiny_suite: str, monkeypatch) -> None:
     for a, b in zip(fast[1:], sweep.run_sweep(tiny_suite, cfg)[1:]):
         keys = ("bits", "measured_calib_loss", "kl")
         assert [a[k] for k in keys] == [b[k] for k in keys]
+
+
+def test_post_guard_undoes_a_step_that_hurts(tiny_suite: str) -> None:
+    """On the tiny model BN re-estimation raises the calibration KL (its calibration data do not
+    match the BN statistics): without the guard light keeps it, with the guard light is ip."""
+    cfg = sweep.SweepConfig(compressions=(0.15,), methods=("ip", "light"), candidates="w8a8,w4a4,w2a2",
+                            first_last_8bit=False, calib_size=64)
+    plain = {r["method"]: r for r in sweep.run_sweep(tiny_suite, cfg)}
+    assert plain["light"]["post"] == ["bn_tuning"]
+    assert plain["light"]["calib_loss_after_post"] > plain["light"]["measured_calib_loss"]
+    guarded = {r["method"]: r for r in sweep.run_sweep(tiny_suite, dataclasses.replace(cfg, post_guard=True))}
+    light, ip_row = guarded["light"], guarded["ip"]
+    assert light["post"] == [] and light["post_steps"][0]["kept"] is False
+    assert (light["kl"], light["calib_loss_after_post"]) == (ip_row["kl"], ip_row["measured_calib_loss"])

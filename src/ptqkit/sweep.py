@@ -72,6 +72,7 @@ class SweepConfig:
     tuner_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     table_dir: str | None = None
     alternatives: int = 4
+    post_guard: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
@@ -193,14 +194,25 @@ def _save_session(session: Session, paths: tuple[Path, Path] | None) -> None:
         os.replace(tmp, path)
 
 
-def _post_steps(model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
-                steps: Sequence[str], seed: int) -> list[dict[str, Any]]:
-    ctx = Context(model, calib, Report(), seed, {"float_outputs": float_out})
+def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: float,
+                cfg: SweepConfig) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Run the global steps in order, measuring the calibration loss after each. With
+    ``cfg.post_guard`` a step that raises the calibration loss is undone (the copy taken before
+    it is kept), so the result is never worse than the stitched model on the calibration set."""
     out = []
     for name in steps:
-        step = STEPS[name](options_from_dict(STEPS[name], {}))
-        out.append({"step": name, **step.run(ctx)})
-    return out
+        before = copy.deepcopy(model) if cfg.post_guard else None
+        ctx = Context(model, session.calib, Report(), cfg.seed, {"float_outputs": session.float_out})
+        summary = STEPS[name](options_from_dict(STEPS[name], {})).run(ctx)
+        after = session.measured_loss(model)
+        kept = before is None or after <= loss
+        out.append({"step": name, "calib_loss": after, "kept": kept,
+                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))}})
+        if kept:
+            loss = after
+        else:
+            model = before  # type: ignore[assignment]
+    return model, out
 
 
 def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c: float,
@@ -221,7 +233,7 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     expected = sol.predicted["loss"]
     measured_ip = (min(a["measured_loss"] for a in alts) if alts  # the winner's, measured already
                    else session.measured_loss(model))
-    post = _post_steps(model, session.calib, session.float_out, m.post, cfg.seed)
+    model, post = _post_steps(model, session, m.post, measured_ip, cfg)
     res = suite.evaluate(model)
     assert session.table is not None
     seen[key] = {
@@ -229,8 +241,9 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "kl": res["kl"], "compression": sol.predicted["compression"],
         "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
         "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
-        "calib_loss_after_post": session.measured_loss(model) if post else measured_ip,
-        "post": [p["step"] for p in post], "alternatives": alts,
+        "calib_loss_after_post": next((p["calib_loss"] for p in reversed(post) if p["kept"]),
+                                      measured_ip),
+        "post": [p["step"] for p in post if p["kept"]], "post_steps": post, "alternatives": alts,
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
@@ -366,6 +379,8 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--plot", help="write the curve here (PNG)")
     s.add_argument("--json", help="write the rows as JSON here; rows already in it are kept and "
                    "their points skipped (resume)")
+    s.add_argument("--post-guard", action="store_true",
+                   help="undo a global step (BN / bias tuning) that raises the calibration loss")
     s.add_argument("--report-only", action="store_true",
                    help="measure nothing: print the table and plot from the rows in --json")
     s.set_defaults(func=cmd_sweep)
@@ -388,6 +403,7 @@ def cmd_sweep(args: Any) -> int:
                       candidates=args.candidates, first_last_8bit=not args.no_first_last_8bit,
                       calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
                       table_dir=args.tables, alternatives=args.alternatives,
+                      post_guard=args.post_guard,
                       tuner_options={"adaquant": {"iters": args.adaquant_iters}}
                       if args.adaquant_iters else {})
     rows = _resume(args.json)
