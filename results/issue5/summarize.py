@@ -1,7 +1,8 @@
 """Merge the sweep parts (one queue job per suite and method group) into sweep-<suite>.json and
 print the table with the issue-5 criteria per compression. Run from the repo root:
     python results/issue5/summarize.py
-Then plot: ptqkit sweep --suite S --json results/issue5/sweep-S.json --plot
+(PYTHONPATH=src) and draws curve-S.png (top-1) and curve-S-kl.png (test KL to float, log scale);
+the same top-1 plot: ptqkit sweep --suite S --json results/issue5/sweep-S.json --plot
 results/issue5/curve-S.png --report-only
 """
 
@@ -19,6 +20,8 @@ def merge(suite: str) -> list[dict]:
     rows: list[dict] = []
     for part in sorted((HERE / "parts").glob(f"sweep-{suite}-*.json")):
         rows += json.loads(part.read_text())
+    if not rows:
+        return rows
     (HERE / f"sweep-{suite}.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
     return rows
 
@@ -56,5 +59,11 @@ def table(suite: str, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
+    from ptqkit.sweep import plot_curves
+
     for s in SUITES:
-        table(s, merge(s))
+        rows = merge(s)
+        table(s, rows)
+        if any(r.get("kl") is not None for r in rows):
+            plot_curves(rows, HERE / f"curve-{s}.png")
+            plot_curves(rows, HERE / f"curve-{s}-kl.png", metric="kl")

@@ -320,24 +320,29 @@ def _table_row(suite: str, tuner: str, table: SensitivityTable) -> dict[str, Any
             "min_compression": table.extreme("compression"), "table": table.to_dict()}
 
 
-def plot_curves(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Top-1 against compression, one line per (suite, method), the float top-1 dashed."""
+def plot_curves(rows: list[dict[str, Any]], path: str | Path, metric: str = "quant_top1") -> None:
+    """Top-1 (or another row metric, e.g. 'kl' to the float logits on the test split) against
+    compression, one line per (suite, method); for top-1 the float top-1 dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if r.get("quant_top1") is not None]
+    points = [r for r in rows if r.get(metric) is not None]
     suites = list(dict.fromkeys(r["suite"] for r in points))
     fig, axes = plt.subplots(1, max(1, len(suites)), figsize=(6 * max(1, len(suites)), 4.5),
                              squeeze=False)
     for ax, suite in zip(axes[0], suites):
         mine = [r for r in points if r["suite"] == suite]
         for method in dict.fromkeys(r["method"] for r in mine):
-            pts = sorted((r["compression"], r["quant_top1"]) for r in mine if r["method"] == method)
+            pts = sorted((r["compression"], r[metric]) for r in mine if r["method"] == method)
             ax.plot(*zip(*pts), marker="o", label=method)
-        ax.axhline(mine[0]["fp32_top1"], color="k", ls="--", lw=1, label="float")
-        ax.set(title=suite, xlabel="compression (weight bits / 32)", ylabel="top-1 (%)")
+        if metric == "quant_top1":
+            ax.axhline(mine[0]["fp32_top1"], color="k", ls="--", lw=1, label="float")
+        else:
+            ax.set_yscale("log")
+        ax.set(title=suite, xlabel="compression (weight bits / 32)",
+               ylabel="top-1 (%)" if metric == "quant_top1" else metric)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -422,7 +427,7 @@ def cmd_sweep(args: Any) -> int:
     print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
                                         "quant_top1", "delta", "expected_calib_loss",
                                         "measured_calib_loss", "error")))
-    if args.json:
+    if args.json and not args.report_only:
         print(f"wrote {args.json}")
     if args.plot:
         plot_curves(rows, args.plot)
