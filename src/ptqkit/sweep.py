@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from tqdm.auto import tqdm
 from . import bench
 from .algorithms import STEPS
 from .algorithms.base import Context, Report, options_from_dict
-from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable
+from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable, Solution
 from .algorithms.mixed_precision import TUNERS, MixedPrecisionOptions, Session, allowed_options
 from .calib.data import CalibrationData
 from .evaluate import compression_ratio
@@ -69,6 +71,8 @@ class SweepConfig:
     data_dir: str | None = None
     tuner_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     table_dir: str | None = None
+    alternatives: int = 4
+    post_guard: bool = False
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
@@ -79,7 +83,14 @@ class SweepConfig:
             raise ValueError("give at least one compression, e.g. --compressions 0.25,0.13")
         for c in self.compressions:
             Budget("compression", c)
-        MixedPrecisionOptions(candidates=self.candidates, compression=0.25)
+        MixedPrecisionOptions(candidates=self.candidates, compression=0.25,
+                              alternatives=self.alternatives)
+
+    def table_key(self, tuner: str) -> dict[str, Any]:
+        """What a saved table depends on besides the model: reloaded only when this matches."""
+        return {"tuner": tuner, "tuner_options": dict(self.tuner_options.get(tuner, {})),
+                "candidates": self.candidates, "first_last_8bit": self.first_last_8bit,
+                "calib_size": self.calib_size, "seed": self.seed}
 
 
 def with_mixed_precision(recipe: Recipe, **options: Any) -> Recipe:
@@ -101,8 +112,17 @@ def with_mixed_precision(recipe: Recipe, **options: Any) -> Recipe:
 
 
 def _base_model(suite: bench.Suite, calib: CalibrationData, cfg: SweepConfig) -> nn.Module:
-    recipe = Recipe(w_bits=8, a_bits=8, first_last_8bit=cfg.first_last_8bit, seed=cfg.seed)
+    """The prepared model (BN folded, layers swapped). Its ranges do not matter: every point
+    stitches a tuned state into every layer, so the cheap min-max ranges are enough here (the
+    tuners use the ranges of ``_tuner_recipe``)."""
+    recipe = Recipe(w_bits=8, a_bits=8, first_last_8bit=cfg.first_last_8bit, seed=cfg.seed,
+                    w_range="minmax", a_range="minmax")
     return quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
+
+
+def _tuner_recipe(cfg: SweepConfig) -> dict[str, Any]:
+    """The recipe the tuners take their range methods from (the defaults: MSE ranges)."""
+    return Recipe(first_last_8bit=cfg.first_last_8bit, seed=cfg.seed).to_dict()
 
 
 @torch.no_grad()
@@ -115,36 +135,84 @@ def _float_outputs(model: nn.Module, calib: CalibrationData) -> list[torch.Tenso
 
 def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
              tuner: str, cfg: SweepConfig) -> Session:
-    recipe = base.report.recipe  # type: ignore[union-attr, operator]
+    """A session with its table: loaded from ``cfg.table_dir`` (with the tuned layer states saved
+    beside it) when it was measured for the same settings, else measured and saved there."""
+    recipe = _tuner_recipe(cfg)
     factory = TUNERS[tuner]
     session = Session(base, calib, float_out, "auto",
                       factory(recipe, cfg.seed, dict(cfg.tuner_options.get(tuner, {}))))
     mp = MixedPrecisionOptions(candidates=cfg.candidates, compression=0.25)
     options, allowed = allowed_options(list(quant_layers(base)), mp, cfg.first_last_8bit)
-    path = Path(cfg.table_dir) / f"{suite.name}-{tuner}.json" if cfg.table_dir else None
-    saved = SensitivityTable.load(path) if path is not None and path.is_file() else None
-    if saved is not None and saved.options == options and saved.layers == list(allowed):
-        session.use_table(saved)  # measured before: re-solve without re-measuring
-        log.info("%s: %s sensitivity table loaded from %s", suite.name, tuner, path)
+    paths = _table_paths(cfg, suite.name, tuner)
+    saved = _load_table(paths, options, allowed, cfg.table_key(tuner), calib.num_samples)
+    if saved is not None and paths is not None:
+        states = Session.load_states(paths[1]) if paths[1].is_file() else {}
+        session.use_table(saved, states)  # measured before: re-solve without re-measuring
+        log.info("%s: %s sensitivity table loaded from %s (%d tuned layer states)", suite.name,
+                 tuner, paths[0], len(states))
         return session
     t0 = time.perf_counter()
     table = session.measure(options, allowed)
-    table.meta["seconds"] = time.perf_counter() - t0
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table.save(path)
+    table.meta.update(seconds=time.perf_counter() - t0, sweep_key=cfg.table_key(tuner))
+    _save_session(session, paths)
     log.info("%s: %s sensitivity table in %.1fs", suite.name, tuner, table.meta["seconds"])
     return session
 
 
-def _post_steps(model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
-                steps: Sequence[str], seed: int) -> list[dict[str, Any]]:
-    ctx = Context(model, calib, Report(), seed, {"float_outputs": float_out})
+def _table_paths(cfg: SweepConfig, suite: str, tuner: str) -> tuple[Path, Path] | None:
+    if not cfg.table_dir:
+        return None
+    d = Path(cfg.table_dir)
+    return d / f"{suite}-{tuner}.json", d / f"{suite}-{tuner}.states.pt"
+
+
+def _load_table(paths: tuple[Path, Path] | None, options: list[Any], allowed: dict[str, list[Any]],
+                key: dict[str, Any], calib_samples: int) -> SensitivityTable | None:
+    """The saved table if it fits: same options, same layers (any order: rows are matched by
+    name), same allowed options per layer and, when recorded, the same settings."""
+    if paths is None or not paths[0].is_file():
+        return None
+    t = SensitivityTable.load(paths[0])
+    fits = (t.options == options and sorted(t.layers) == sorted(allowed)
+            and all(t.allowed[i].tolist() == [o in allowed[n] for o in options]
+                    for i, n in enumerate(t.layers))
+            and t.meta.get("sweep_key", key) == key
+            and t.meta.get("calib_samples", calib_samples) == calib_samples)
+    if not fits:
+        log.warning("%s was measured for other settings; measuring again", paths[0])
+    return t if fits else None
+
+
+def _save_session(session: Session, paths: tuple[Path, Path] | None) -> None:
+    """Table (JSON) and tuned layer states (torch file), each written atomically."""
+    if paths is None or session.table is None:
+        return
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, write in ((paths[0], session.table.save), (paths[1], session.save_states)):
+        tmp = path.with_name(path.name + ".tmp")
+        write(tmp)
+        os.replace(tmp, path)
+
+
+def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: float,
+                cfg: SweepConfig) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Run the global steps in order, measuring the calibration loss after each. With
+    ``cfg.post_guard`` a step that raises the calibration loss is undone (the copy taken before
+    it is kept), so the result is never worse than the stitched model on the calibration set."""
     out = []
     for name in steps:
-        step = STEPS[name](options_from_dict(STEPS[name], {}))
-        out.append({"step": name, **step.run(ctx)})
-    return out
+        before = copy.deepcopy(model) if cfg.post_guard else None
+        ctx = Context(model, session.calib, Report(), cfg.seed, {"float_outputs": session.float_out})
+        summary = STEPS[name](options_from_dict(STEPS[name], {})).run(ctx)
+        after = session.measured_loss(model)
+        kept = before is None or after <= loss
+        out.append({"step": name, "calib_loss": after, "kept": kept,
+                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))}})
+        if kept:
+            loss = after
+        else:
+            model = before  # type: ignore[assignment]
+    return model, out
 
 
 def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c: float,
@@ -153,17 +221,19 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     row: dict[str, Any] = {"suite": suite.name, "method": method, "budget": c,
                            "candidates": cfg.candidates, "fp32_top1": suite.fp32_top1}
     t0 = time.perf_counter()
+    model = copy.deepcopy(base)
     try:
-        sol = session.solve(Budget("compression", c), m.solver)
+        sol, alts = _solve(session, m, c, cfg, model, seen)
     except InfeasibleBudgetError as err:
         return {**row, "error": str(err), "smallest_feasible": err.smallest}
     key = (tuple(sol.choice), m.tuner, m.post)
     if key in seen:  # same configuration as an earlier point (e.g. all-8-bit): same numbers
         return {**seen[key], **row, "status": sol.status, "same_as": seen[key]["method"],
-                "seconds": 0.0}
-    model = session.apply(sol, copy.deepcopy(base))
-    expected, measured_ip = sol.predicted["loss"], session.measured_loss(model)
-    post = _post_steps(model, session.calib, session.float_out, m.post, cfg.seed)
+                "alternatives": alts, "seconds": time.perf_counter() - t0}
+    expected = sol.predicted["loss"]
+    measured_ip = (min(a["measured_loss"] for a in alts) if alts  # the winner's, measured already
+                   else session.measured_loss(model))
+    model, post = _post_steps(model, session, m.post, measured_ip, cfg)
     res = suite.evaluate(model)
     assert session.table is not None
     seen[key] = {
@@ -171,11 +241,25 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "kl": res["kl"], "compression": sol.predicted["compression"],
         "model_compression": compression_ratio(model), "bops": sol.predicted["bops"],
         "status": sol.status, "expected_calib_loss": expected, "measured_calib_loss": measured_ip,
-        "calib_loss_after_post": session.measured_loss(model) if post else measured_ip,
-        "post": [p["step"] for p in post],
+        "calib_loss_after_post": next((p["calib_loss"] for p in reversed(post) if p["kept"]),
+                                      measured_ip),
+        "post": [p["step"] for p in post if p["kept"]], "post_steps": post, "alternatives": alts,
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
+
+
+def _solve(session: Session, m: SweepMethod, c: float, cfg: SweepConfig, model: nn.Module,
+           seen: dict[Any, Any]) -> tuple[Solution, list[dict[str, float]]]:
+    """Solve (and, for the IP, rank the alternatives on the calibration set) once per (tuner,
+    solver, budget): light reuses the choice of ip, which it shares before BN tuning."""
+    key = ("solved", m.tuner, m.solver, c)
+    if key not in seen:
+        seen[key] = session.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
+                                           model)
+    else:
+        session.apply(seen[key][0], model)
+    return seen[key]  # type: ignore[no-any-return]
 
 
 def _delta(res: dict[str, Any]) -> float | None:
@@ -185,15 +269,21 @@ def _delta(res: dict[str, Any]) -> float | None:
 
 
 def run_sweep(suite_name: str, cfg: SweepConfig,
-              on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+              on_row: Callable[[dict[str, Any]], None] | None = None,
+              done: Collection[tuple[str, float | None]] = ()) -> list[dict[str, Any]]:
     """Rows: one per (method, compression), plus one 'table' row per measured sensitivity table.
 
     Compressions are the outer loop (in the order given) so that a sweep cut short still compares
     every method at the first compressions; a table is measured when a method first needs it.
-    ``on_row`` sees every row as soon as it exists (e.g. to save partial results).
+    ``on_row`` sees every row as soon as it exists (e.g. to save partial results); ``done``:
+    (method, budget) points already measured (table rows: budget None), skipped (resume).
     """
     if suite_name not in bench.SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(bench.SUITES))}")
+    points = [(c, m) for c in cfg.compressions for m in cfg.methods if (m, c) not in done]
+    if not points:
+        log.info("%s: every point is done already", suite_name)
+        return []
     suite = bench.SUITES[suite_name](bench.BenchConfig(first_last_8bit=cfg.first_last_8bit,
                                                        calib_size=cfg.calib_size, seed=cfg.seed,
                                                        data_dir=cfg.data_dir))
@@ -209,13 +299,16 @@ def run_sweep(suite_name: str, cfg: SweepConfig,
         if on_row is not None:
             on_row(row)
 
-    points = [(c, m) for c in cfg.compressions for m in cfg.methods]
     for c, m in tqdm(points, desc=f"sweep {suite.name}", disable=None):
         tuner = SWEEP_METHODS[m].tuner
         if tuner not in sessions:
             sessions[tuner] = _session(suite, base, calib, float_out, tuner, cfg)
-            emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
+            if (f"table:{tuner}", None) not in done:
+                emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
+        n_states = len(sessions[tuner].states)
         emit(_point(suite, sessions[tuner], base, m, c, cfg, seen))
+        if len(sessions[tuner].states) > n_states:  # tuned lazily (loaded table): keep them too
+            _save_session(sessions[tuner], _table_paths(cfg, suite.name, tuner))
         log.info("%s %s @%.3f: top-1 %s (float %.2f)", suite.name, m, c,
                  rows[-1].get("quant_top1"), suite.fp32_top1)
     return rows
@@ -227,24 +320,29 @@ def _table_row(suite: str, tuner: str, table: SensitivityTable) -> dict[str, Any
             "min_compression": table.extreme("compression"), "table": table.to_dict()}
 
 
-def plot_curves(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Top-1 against compression, one line per (suite, method), the float top-1 dashed."""
+def plot_curves(rows: list[dict[str, Any]], path: str | Path, metric: str = "quant_top1") -> None:
+    """Top-1 (or another row metric, e.g. 'kl' to the float logits on the test split) against
+    compression, one line per (suite, method); for top-1 the float top-1 dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r for r in rows if r.get("quant_top1") is not None]
+    points = [r for r in rows if r.get(metric) is not None]
     suites = list(dict.fromkeys(r["suite"] for r in points))
     fig, axes = plt.subplots(1, max(1, len(suites)), figsize=(6 * max(1, len(suites)), 4.5),
                              squeeze=False)
     for ax, suite in zip(axes[0], suites):
         mine = [r for r in points if r["suite"] == suite]
         for method in dict.fromkeys(r["method"] for r in mine):
-            pts = sorted((r["compression"], r["quant_top1"]) for r in mine if r["method"] == method)
+            pts = sorted((r["compression"], r[metric]) for r in mine if r["method"] == method)
             ax.plot(*zip(*pts), marker="o", label=method)
-        ax.axhline(mine[0]["fp32_top1"], color="k", ls="--", lw=1, label="float")
-        ax.set(title=suite, xlabel="compression (weight bits / 32)", ylabel="top-1 (%)")
+        if metric == "quant_top1":
+            ax.axhline(mine[0]["fp32_top1"], color="k", ls="--", lw=1, label="float")
+        else:
+            ax.set_yscale("log")
+        ax.set(title=suite, xlabel="compression (weight bits / 32)",
+               ylabel="top-1 (%)" if metric == "quant_top1" else metric)
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -278,10 +376,30 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--data-dir")
     s.add_argument("--adaquant-iters", type=int, help="AdaQuant steps per (layer, candidate) "
                    "for the advanced method (default: AdaQuantOptions.iters)")
-    s.add_argument("--tables", help="folder for the sensitivity tables (JSON)")
+    s.add_argument("--tables", help="folder for the sensitivity tables (JSON) and tuned layer "
+                   "states; a table measured for the same settings is reloaded, not re-measured")
+    s.add_argument("--alternatives", type=int, default=SweepConfig.alternatives,
+                   help="IP methods: measure the k best IP solutions on the calibration set and "
+                   "keep the best measured (1 = the IP optimum only)")
     s.add_argument("--plot", help="write the curve here (PNG)")
-    s.add_argument("--json", help="write the rows as JSON here")
+    s.add_argument("--json", help="write the rows as JSON here; rows already in it are kept and "
+                   "their points skipped (resume)")
+    s.add_argument("--post-guard", action="store_true",
+                   help="undo a global step (BN / bias tuning) that raises the calibration loss")
+    s.add_argument("--report-only", action="store_true",
+                   help="measure nothing: print the table and plot from the rows in --json")
     s.set_defaults(func=cmd_sweep)
+
+
+def _resume(path: str | None) -> list[dict[str, Any]]:
+    """Rows of an earlier run written to the same --json (its points are skipped), else []."""
+    if not path or not Path(path).is_file():
+        return []
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path} does not hold sweep rows (a JSON list); pass another --json")
+    log.info("resuming: %d rows already in %s", len(rows), path)
+    return rows
 
 
 def cmd_sweep(args: Any) -> int:
@@ -289,23 +407,27 @@ def cmd_sweep(args: Any) -> int:
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                       candidates=args.candidates, first_last_8bit=not args.no_first_last_8bit,
                       calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
-                      table_dir=args.tables,
+                      table_dir=args.tables, alternatives=args.alternatives,
+                      post_guard=args.post_guard,
                       tuner_options={"adaquant": {"iters": args.adaquant_iters}}
                       if args.adaquant_iters else {})
-    rows: list[dict[str, Any]] = []
+    rows = _resume(args.json)
 
     def save(row: dict[str, Any]) -> None:
         rows.append(row)
-        if args.json:  # after every point, so a long sweep keeps what it measured
+        if args.json:  # after every point (atomic), so a long sweep keeps what it measured
             bench.write_json(rows, args.json)
 
-    for suite in (s.strip() for s in args.suite.split(",") if s.strip()):
-        run_sweep(suite, cfg, on_row=save)
+    if args.report_only and not rows:
+        raise ValueError("--report-only needs --json FILE holding the rows of a sweep")
+    for suite in (s.strip() for s in args.suite.split(",") if s.strip() and not args.report_only):
+        done = {(r["method"], r.get("budget")) for r in rows if r.get("suite") == suite}
+        run_sweep(suite, cfg, on_row=save, done=done)
     points = [r for r in rows if not str(r["method"]).startswith("table:")]
     print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
                                         "quant_top1", "delta", "expected_calib_loss",
                                         "measured_calib_loss", "error")))
-    if args.json:
+    if args.json and not args.report_only:
         print(f"wrote {args.json}")
     if args.plot:
         plot_curves(rows, args.plot)

@@ -88,6 +88,31 @@ def test_ip_matches_brute_force(seed: int) -> None:
     assert sol.predicted["compression"] == pytest.approx(best.predicted["compression"])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_ip_alternatives_are_the_k_best(seed: int) -> None:
+    from itertools import product
+
+    t = _random_table(seed)
+    budget = Budget("compression", 0.16)
+    feasible = sorted(t.evaluate(c)["loss"] for c in product(range(4), repeat=4)
+                      if t.evaluate(c)["compression"] <= 0.16 + 1e-12)
+    sols = ip.ip_alternatives(t, budget, 5)
+    assert len({tuple(s.choice) for s in sols}) == 5
+    np.testing.assert_allclose([s.predicted["loss"] for s in sols], feasible[:5], rtol=1e-7, atol=1e-12)
+    # fewer configurations than asked: all of them, then stop
+    assert len(ip.ip_alternatives(_table([[0, 1.0], [0, 2.0]], [1, 1]), Budget("compression", 0.2), 9)) == 3
+    with pytest.raises(ValueError, match=">= 1"):
+        ip.ip_alternatives(t, budget, 0)
+
+
+def test_table_reordered_by_name() -> None:
+    t = _table([[0.0, 0.5], [0.0, 0.1]], [100, 300])
+    r = t.reordered(["l1", "l0"])
+    assert r.layers == ["l1", "l0"] and r.loss[0, 1] == 0.1 and r.params.tolist() == [300, 100]
+    with pytest.raises(ValueError, match="measure the table again"):
+        t.reordered(["l0", "x"])
+
+
 def test_infeasible_budget_names_smallest_value() -> None:
     t = _table([[0.0, 0.5], [0.0, 0.1]], [100, 300])
     with pytest.raises(InfeasibleBudgetError, match=r"feasible compression with these candidates is 0\.125"):
@@ -196,6 +221,44 @@ def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
     assert all(m.w_bits == 2 for m in quant_layers(low).values())
     torch.testing.assert_close(q(tiny_data), out0, rtol=0, atol=0)
     assert s.measured_loss(low) > s.measured_loss(q)
+
+
+def test_solve_measured_picks_lowest_measured_loss(tiny: nn.Module, tiny_data, monkeypatch) -> None:
+    q = _prepared(tiny, tiny_data)
+    calib = CalibrationData(tiny_data)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    s = Session(q, calib, ref, "auto", range_tuner())
+    s.measure([(8, 8), (4, 4), (2, 2)], {n: [(8, 8), (4, 4), (2, 2)] for n in quant_layers(q)})
+    sol, alts = s.solve_measured(Budget("compression", 0.15), "ip", 4)
+    assert len(alts) == 4 and alts[0]["predicted_loss"] <= min(a["predicted_loss"] for a in alts)
+    assert s.measured_loss(q) == pytest.approx(min(a["measured_loss"] for a in alts), abs=0)
+    assert layer_bits_of(q) == sol.bits(s.table)
+    plain, none = s.solve_measured(Budget("compression", 0.15), "ip", 1)
+    assert none == [] and plain.predicted["loss"] == alts[0]["predicted_loss"]
+
+
+def test_session_states_roundtrip(tiny: nn.Module, tiny_data, tmp_path) -> None:
+    q = _prepared(tiny, tiny_data)
+    calib = CalibrationData(tiny_data)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    s = Session(q, calib, ref, "auto", range_tuner())
+    s.measure([(8, 8), (2, 2)], {n: [(8, 8), (2, 2)] for n in quant_layers(q)})
+    s.save_states(tmp_path / "s.pt")
+    states = Session.load_states(tmp_path / "s.pt")
+    assert set(states) == set(s.states)
+    for k, st in states.items():
+        assert st.option == s.states[k].option
+        for name, v in st.tensors.items():
+            assert torch.equal(v, s.states[k].tensors[name])
+    torch.save({"version": 99}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="delete it"):
+        Session.load_states(tmp_path / "bad.pt")
+
+
+def layer_bits_of(q: nn.Module) -> dict[str, tuple[int, int]]:
+    return {n: (m.w_bits, m.a_bits) for n, m in quant_layers(q).items()}
 
 
 # ------------------------------------------------------------------ pipelines

@@ -28,7 +28,7 @@ from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = ["Option", "SensitivityTable", "Budget", "Solution", "InfeasibleBudgetError",
-           "candidate_options", "solve_ip", "greedy_accuracy", "greedy_compression",
+           "candidate_options", "solve_ip", "ip_alternatives", "greedy_accuracy", "greedy_compression",
            "brute_force", "SOLVERS", "TABLE_VERSION"]
 
 Option = tuple[int, int]  # (w_bits, a_bits)
@@ -132,6 +132,16 @@ class SensitivityTable:
         masked = np.where(self.allowed, cost, np.inf if lowest else -np.inf)
         return float((masked.min(1) if lowest else masked.max(1)).sum() / ref)
 
+    def reordered(self, layers: Sequence[str]) -> SensitivityTable:
+        """The same table with its rows in the order of ``layers`` (same set of names)."""
+        if sorted(layers) != sorted(self.layers):
+            raise ValueError(f"the table has layers {sorted(set(self.layers) - set(layers))} the "
+                             f"model lacks and lacks {sorted(set(layers) - set(self.layers))}; "
+                             "measure the table again for this model")
+        idx = [self.layers.index(n) for n in layers]
+        return SensitivityTable(list(layers), list(self.options), self.loss[idx], self.params[idx],
+                                self.macs[idx], self.allowed[idx], dict(self.meta))
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "layers": self.layers,
                 "options": [list(o) for o in self.options], "loss": self.loss.tolist(),
@@ -204,13 +214,15 @@ def _check_feasible(table: SensitivityTable, budget: Budget) -> None:
         raise InfeasibleBudgetError(budget, smallest)
 
 
-def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0) -> Solution:
+def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0,
+             exclude: Sequence[Sequence[int]] = ()) -> Solution:
     """Exact bit allocation with a MILP solver (HiGHS through scipy.optimize.milp).
 
     Binary I[l, o] over the allowed pairs, sum_o I[l, o] = 1 per layer (eq. 5d). With a
     compression / BOPs budget: minimise sum dL subject to sum cost <= budget (the paper's
     experiments). With a loss budget: maximise the gain (minimise size, or BOPs when
-    ``table.meta['gain'] == 'bops'``) subject to sum dL <= budget (eq. 5a-5c).
+    ``table.meta['gain'] == 'bops'``) subject to sum dL <= budget (eq. 5a-5c). ``exclude``: choices
+    cut off by no-good constraints sum_{l} I[l, choice_l] <= L - 1 (for the k best solutions).
     """
     import time
 
@@ -230,9 +242,14 @@ def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0) 
     one_per_layer = sparse.csr_matrix((np.ones(n), (rows, np.arange(n))), shape=(n_layers, n))
     constraints = [LinearConstraint(one_per_layer, 1, 1),
                    LinearConstraint(a[None, :] / scale_a, -np.inf, budget.value / scale_a)]
+    for prev in exclude:
+        taken = (np.asarray(prev)[rows] == cols).astype(float)
+        constraints.append(LinearConstraint(taken[None, :], -np.inf, n_layers - 1))
     res = milp(c / scale_c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
                options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
     if res.x is None:
+        if exclude and res.status == 2:  # every feasible configuration is already excluded
+            raise InfeasibleBudgetError(budget, table.extreme(budget.kind))
         raise RuntimeError(f"the MILP solver returned no solution: {res.message}")
     x = np.round(res.x).astype(int)
     choice = [0] * n_layers
@@ -240,6 +257,20 @@ def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0) 
         choice[rows[k]] = int(cols[k])
     return Solution(choice, "ip", str(res.message), table.evaluate(choice), budget,
                     time.perf_counter() - t0)
+
+
+def ip_alternatives(table: SensitivityTable, budget: Budget, k: int) -> list[Solution]:
+    """The ``k`` best distinct IP solutions by predicted objective (fewer when fewer configurations
+    meet the budget): the optimum, then each next one with all earlier choices cut off."""
+    if k < 1:
+        raise ValueError(f"the number of alternatives must be >= 1, got {k}")
+    sols = [solve_ip(table, budget)]
+    while len(sols) < k:
+        try:
+            sols.append(solve_ip(table, budget, exclude=[s.choice for s in sols]))
+        except InfeasibleBudgetError:
+            break
+    return sols
 
 
 def _order_by(table: SensitivityTable, k: int, kind: str) -> list[int]:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,16 @@ from ..calib.data import CalibrationData
 from ..nn.modules import QuantModule, quant_layers
 from ..ranges import get_range_method
 from .base import Context, Step, register_step
-from .ip import SOLVERS, Budget, InfeasibleBudgetError, Option, SensitivityTable, Solution, candidate_options
+from .ip import (
+    SOLVERS,
+    Budget,
+    InfeasibleBudgetError,
+    Option,
+    SensitivityTable,
+    Solution,
+    candidate_options,
+    ip_alternatives,
+)
 from .sensitivity import (
     LayerState,
     OptionTuner,
@@ -40,6 +50,7 @@ __all__ = ["MixedPrecisionOptions", "MixedPrecision", "Session", "range_tuner", 
            "closed_loop"]
 
 log = logging.getLogger(__name__)
+STATES_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -47,7 +58,8 @@ class MixedPrecisionOptions:
     """candidates: 'default' {(8,8),(4,4)}, 'relaxed' (2..8 x 2..8) or 'w8a8,w4a4,...'.
     Budget: exactly one of compression / bops (ratios to float, in (0, 1]), loss_budget (eq. 5:
     maximise the ``gain`` subject to the predicted loss increase), or max_drop (closed loop; top-1
-    points on labelled calibration data, else calibration-loss units). pin_first_last: None
+    points on labelled calibration data, else calibration-loss units). alternatives: with the IP,
+    measure the k best solutions on the calibration set and keep the best measured. pin_first_last: None
     follows the recipe's first/last 8-bit policy; fixed: layer patterns pinned to (w, a).
     tuner: how each candidate's layer state is made ('ranges', or 'adaquant' = parallel
     AdaQuant per bit width, with ``tuner_options`` passed to AdaQuantOptions).
@@ -60,6 +72,7 @@ class MixedPrecisionOptions:
     loss_budget: float | None = None
     max_drop: float | None = None
     max_rounds: int = 4
+    alternatives: int = 1
     gain: str = "compression"
     loss: str = "auto"
     pin_first_last: bool | None = None
@@ -80,6 +93,9 @@ class MixedPrecisionOptions:
             raise ValueError(f"loss must be 'auto', 'kl' or 'ce', got {self.loss!r}")
         if self.tuner not in TUNERS:
             raise ValueError(f"unknown tuner {self.tuner!r}; expected one of {sorted(TUNERS)}")
+        if self.alternatives < 1:
+            raise ValueError(f"alternatives must be >= 1 (1 = the IP optimum only), got "
+                             f"{self.alternatives}")
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
         for name, bits in self.fixed.items():
@@ -212,17 +228,59 @@ class Session:
         self.table, self.states = measure_table(self.model, self.calib, self.float_out, request)
         return self.table
 
-    def use_table(self, table: SensitivityTable) -> None:
-        layers = list(quant_layers(self.model))
-        if table.layers != layers:
-            raise ValueError(f"the sensitivity table is for layers {table.layers[:3]}..., this model "
-                             f"has {layers[:3]}...; measure the table again for this model")
-        self.table, self.states = table, {}
+    def use_table(self, table: SensitivityTable,
+                  states: dict[tuple[str, Option], LayerState] | None = None) -> None:
+        """Re-solve with a saved table (rows matched to this model's layers by name) and, when
+        given, the saved per-(layer, option) states, so nothing is measured or tuned again."""
+        self.table = table.reordered(list(quant_layers(self.model)))
+        self.states = dict(states or {})
+
+    def save_states(self, path: str | Path) -> None:
+        """The tuned per-(layer, option) states (ranges, AdaQuant weights) as a torch file."""
+        items = [{"layer": n, "option": list(o), "tensors": st.tensors}
+                 for (n, o), st in self.states.items()]
+        torch.save({"version": STATES_VERSION, "states": items}, path)
+
+    @staticmethod
+    def load_states(path: str | Path) -> dict[tuple[str, Option], LayerState]:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("version") != STATES_VERSION:
+            raise ValueError(f"{path}: not a ptqkit layer-state file of version {STATES_VERSION}; "
+                             "delete it to tune again")
+        out = {}
+        for item in data["states"]:
+            opt = (int(item["option"][0]), int(item["option"][1]))
+            out[(str(item["layer"]), opt)] = LayerState(opt, dict(item["tensors"]))
+        return out
 
     def solve(self, budget: Budget, method: str = "ip") -> Solution:
         if self.table is None:
             raise RuntimeError("measure() or use_table() first")
         return SOLVERS[method](self.table, budget)
+
+    def solve_measured(self, budget: Budget, method: str = "ip", alternatives: int = 1,
+                       model: nn.Module | None = None) -> tuple[Solution, list[dict[str, float]]]:
+        """With ``alternatives`` k > 1 and the IP: the k best IP solutions by predicted loss, each
+        stitched into ``model`` and measured on the calibration set; the one with the lowest
+        measured loss wins (additivity is approximate, so near-optimal configurations are ranked
+        by the real model). ``model`` is left holding the winner. Returns it and one record per
+        alternative (predicted and measured loss, compression)."""
+        if method != "ip" or alternatives <= 1:
+            sol = self.solve(budget, method)
+            self.apply(sol, model)
+            return sol, []
+        assert self.table is not None
+        sols, records = ip_alternatives(self.table, budget, alternatives), []
+        for sol in sols:
+            measured = self.measured_loss(self.apply(sol, model))
+            records.append({"predicted_loss": sol.predicted["loss"], "measured_loss": measured,
+                            "compression": sol.predicted["compression"]})
+        best = min(range(len(sols)), key=lambda i: records[i]["measured_loss"])
+        log.info("IP alternatives: predicted %s, measured %s; picked #%d",
+                 [f"{r['predicted_loss']:.4g}" for r in records],
+                 [f"{r['measured_loss']:.4g}" for r in records], best)
+        self.apply(sols[best], model)
+        return sols[best], records
 
     def apply(self, solution: Solution, model: nn.Module | None = None) -> nn.Module:
         """Stitch the chosen per-layer states into ``model`` (default: the session's model)."""
@@ -332,8 +390,8 @@ class MixedPrecision(Step):
         if o.max_drop is not None:
             sol, rounds = closed_loop(session, o.max_drop, o.budget(), o.method, o.max_rounds)
         else:
-            sol = session.solve(o.budget(), o.method)
-            session.apply(sol)
+            sol, alts = session.solve_measured(o.budget(), o.method, o.alternatives)
+            rounds = [{"alternative": i, **r} for i, r in enumerate(alts)]
         return self._summary(session, sol, rounds, ctx, t_table)
 
     def _summary(self, session: Session, sol: Solution, rounds: list[dict[str, Any]],

@@ -212,7 +212,13 @@ def measure_table(model: nn.Module, calib: CalibrationData, float_out: list[torc
     Returns the table (loss increase, params, MACs per sample) and the tuned layer state per
     (layer, option), for stitching the chosen configuration without tuning again.
     """
-    layers = {n: m for n, m in model.named_modules() if n in request.allowed}
+    modules = dict(model.named_modules())
+    missing = [n for n in request.allowed if n not in modules]
+    if missing:
+        raise ValueError(f"the table request names layers the model does not have: {missing}")
+    # the request's order (execution order), not named_modules() order: a table saved from one
+    # run must line up with quant_layers() of the next (ResNet downsample runs after conv2)
+    layers: dict[str, QuantModule] = {n: modules[n] for n in request.allowed}  # type: ignore[misc]
     runner = SuffixRunner(model, calib)
     loss = np.zeros((len(layers), len(request.options)))
     states: dict[tuple[str, Option], LayerState] = {}
