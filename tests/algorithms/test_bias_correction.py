@@ -7,7 +7,11 @@ from torch.testing import assert_close
 
 import ptqkit
 from ptqkit.algorithms.base import Context, Report
-from ptqkit.algorithms.bias_correction import BiasCorrection, BiasCorrectionOptions, banner_correction
+from ptqkit.algorithms.bias_correction import (
+    BiasCorrection,
+    BiasCorrectionOptions,
+    banner_correction,
+)
 from ptqkit.calib.data import CalibrationData
 from ptqkit.nn.control import quantizers_disabled
 from ptqkit.nn.modules import quant_layers
@@ -75,6 +79,7 @@ def test_empirical_with_activation_error_zeroes_the_full_layer_error() -> None:
 @torch.no_grad()
 def test_banner_folds_xi_into_the_scale_and_keeps_codes() -> None:
     net, q, layer, x, ctx, step = _biased_layer("banner", spread=0.1)
+    step = BiasCorrection(BiasCorrectionOptions("banner", robust=False))  # the paper's xi as is
     w0 = layer.weight.clone()
     before = _mean_error(net, q, x).abs().max()
     codes, scale = layer.w_quant.int_repr(w0), layer.w_quant.scale.clone()
@@ -97,6 +102,68 @@ def test_pipeline_step_and_options() -> None:
     q = ptqkit.quantize(net, x, Recipe(w_bits=3, a_bits=8, first_last_8bit=False)
                         .with_steps({"name": "bias_correction", "options": {"mode": "both"}}))
     assert [s["step"] for s in q.report.steps][:2] == ["ranges", "bias_correction"]
-    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "bias_shift_max"}
+    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "bias_shift_max",
+                                                                "shifted_channels"}
     with pytest.raises(ValueError, match="unknown bias-correction mode 'mean'"):
         BiasCorrectionOptions(mode="mean")
+
+
+class _TokenNet(nn.Module):
+    """A Linear applied to token states (N, T, C), called with a Hugging Face style batch."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _token_setup(weight: torch.Tensor, batches: list[dict[str, torch.Tensor]], step_q: float,
+                 **opts: object):  # type: ignore[no-untyped-def]
+    """Quantize _TokenNet with a fixed weight grid of step ``step_q`` (zero-point 0, 4 bits)."""
+    net = _TokenNet(weight).eval()
+    calib = CalibrationData(batches)
+    q = ptqkit.quantize(net, calib, Recipe(w_bits=4, a_bits=8, first_last_8bit=False,
+                                           w_range="minmax", a_range="minmax"))
+    layer = quant_layers(q)["proj"]
+    layer.w_quant.set_qparams(torch.full((weight.shape[0],), step_q), torch.zeros(weight.shape[0]))
+    ctx = Context(q, calib, Report())
+    return net, q, layer, ctx, BiasCorrection(BiasCorrectionOptions("empirical", **opts))
+
+
+@torch.no_grad()
+def test_linear_on_token_states_uses_the_feature_axis_and_only_real_tokens() -> None:
+    """(N, T, C) input: the bias shift is per output feature (last axis) and averages over real
+    tokens only - padded positions hold garbage states that must not move the bias."""
+    w = torch.tensor([[0.3, 0.3], [0.55, 0.7]])  # grid 0.25: errors -0.05, -0.05 | -0.05, +0.05
+    x = torch.ones(2, 4, 2)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    x[mask == 0] = torch.tensor([1000.0, -500.0])  # padding: huge, would dominate any mean
+    net, q, layer, ctx, step = _token_setup(w, [{"x": x, "attention_mask": mask}], 0.25)
+    step.run(ctx)
+    # real tokens see x = (1, 1): error -0.1 on feature 0 and 0.0 on feature 1 (w~ = .25, .25 |
+    # .5, .75); the bias absorbs exactly that
+    assert_close(layer.bias, torch.tensor([0.1, 0.0]), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_robust_correction_ignores_an_error_carried_by_one_token() -> None:
+    """Feature 0 has a massive activation on token 0 only (input dim 1 = 100 there) through a
+    large weight that the grid clips: the mean error is driven by that one token. A shift of the
+    mean would move the 7 other tokens; the robust check keeps feature 0's bias, while feature
+    1's error is the same on every token and is still corrected."""
+    w = torch.tensor([[0.3, 2.0], [0.3, 0.0]])  # grid 0.1, codes 0..15: 2.0 clips to 1.5
+    x = torch.zeros(4, 8, 2)
+    x[..., 0] = 1.0
+    x[:, 0, 1] = 100.0  # the massive activation, on the first token of every sequence
+    batches = [{"x": x, "attention_mask": torch.ones(4, 8)}]
+    _, _, layer, ctx, step = _token_setup(w, batches, 0.1, robust=True)
+    step.run(ctx)
+    assert float(layer.bias[0]) == 0.0  # w~ = (.3, 1.5): error -50 on token 0, -0 elsewhere
+    assert float(layer.bias[1]) == pytest.approx(0.0, abs=1e-6)  # w~ = (.3, 0): no error at all
+    _, _, layer, ctx, step = _token_setup(w, batches, 0.1, robust=False)
+    step.run(ctx)
+    assert float(layer.bias[0]) == pytest.approx(50.0 / 8, rel=1e-4)  # the plain mean shift

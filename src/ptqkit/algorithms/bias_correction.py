@@ -18,19 +18,21 @@ anything is modified.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
 from .base import Context, Step, register_step
 
-__all__ = ["MODES", "banner_correction", "channel_mean", "BiasCorrectionOptions", "BiasCorrection"]
+__all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean",
+           "robust_shift_mask", "token_mask_of", "BiasCorrectionOptions", "BiasCorrection"]
 
 log = logging.getLogger(__name__)
 MODES = ("both", "banner", "empirical")
@@ -50,11 +52,43 @@ def banner_correction(w: torch.Tensor, w_q: torch.Tensor) -> tuple[torch.Tensor,
     return xi.float(), d.float()
 
 
-def channel_mean(y: torch.Tensor, linear: bool) -> tuple[torch.Tensor, int]:
-    """Sum over everything but the channel axis (last for Linear, 1 for conv) and the count."""
-    y = y.movedim(-1 if linear else 1, 0)
-    y = y.reshape(y.shape[0], -1)
-    return y.double().sum(dim=1), y.shape[1]
+def channel_rows(y: torch.Tensor, linear: bool,
+                 token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Output values as (positions, C): y is (N, C, ...) for conv (channel axis 1) or (..., C)
+    for Linear (channel axis last, e.g. (N, T, C) token states). token_mask: (N, T), 1 on real
+    tokens (an attention mask); when a Linear's y is (N, T, C) with matching N, T only the real
+    tokens are kept, so padded positions (which never reach a pooled output) do not count."""
+    if linear and token_mask is not None and y.dim() == 3 and y.shape[:2] == token_mask.shape:
+        return y[token_mask.bool()]  # (real tokens, C)
+    y = y.movedim(-1 if linear else 1, -1)
+    return y.reshape(-1, y.shape[-1])
+
+
+def channel_mean(y: torch.Tensor, linear: bool,
+                 token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Per-channel sum of ``y`` over every (real) position, (C,) float64, and the count."""
+    rows = channel_rows(y, linear, token_mask)
+    return rows.double().sum(dim=0), rows.shape[0]
+
+
+def robust_shift_mask(abs_before: torch.Tensor, abs_after: torch.Tensor) -> torch.Tensor:
+    """Which channels keep their bias shift: (C,) bool, True where the shift lowers the summed
+    absolute output error too (not only the squared error, which it always lowers).
+
+    A mean shift is the right fix for an error that is (close to) constant over positions. When
+    the mean is driven by a few positions with huge errors (e.g. a transformer's massive
+    activation on the [CLS] token, destroyed by weight clipping), the shift moves every other
+    position away from its float value: the squared error still falls a little, the absolute
+    error rises - and so does the damage downstream (LayerNorm sees the shift on every token).
+    """
+    return abs_after < abs_before
+
+
+def token_mask_of(batch: Any) -> torch.Tensor | None:
+    """The (N, T) attention mask of a Hugging Face style batch (a mapping with 'attention_mask'),
+    else None (images, plain tensors: every position is real)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 @dataclass(frozen=True)
@@ -62,10 +96,13 @@ class BiasCorrectionOptions:
     """mode: 'banner' (mean/std per channel, xi into the scale, mean residual into the bias),
     'empirical' (bias absorbs the mean output error), 'both' (xi into the scale, then the
     empirical bias). activations: the empirical output error includes the layer's input
-    quantizer (Q_a(x) instead of x)."""
+    quantizer (Q_a(x) instead of x). robust (beyond the paper): keep a channel's bias shift only
+    where it also lowers the absolute output error on the calibration set (one more float pass;
+    see ``robust_shift_mask``)."""
 
     mode: str = "both"
     activations: bool = False
+    robust: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,39 +142,70 @@ def _forced_on(q: Quantizer) -> Iterator[Quantizer]:
         q.enabled = saved
 
 
-def _error_hook(layer: QuantModule, plan: _Plan, acc: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Forward pre-hook accumulating the per-channel sum of the output error on float inputs."""
+def _layer_error(mod: QuantModule, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    """The output error of one call on float input x that the bias should absorb (see _Plan)."""
+    if plan.with_acts:  # op(Q_a(x), W_repr) - op(x, W) = op(Q_a(x), W + D) - op(x, W)
+        with _forced_on(mod.a_quant):
+            xa = mod.a_quant(x)
+        w = mod.weight.detach()
+        return mod.op(xa, w + plan.delta, None) - mod.op(x, w, None)
+    return mod.op(x, plan.delta, None)
+
+
+def _error_hook(layer: QuantModule, plan: _Plan, acc: dict[str, Any],
+                state: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """Forward pre-hook accumulating per-channel statistics of the output error on float inputs
+    over the real positions of the batch (state['mask']): pass 1 the sum, pass 2 (once
+    acc['mean'] is known) the absolute error without and with the shift."""
     linear = isinstance(layer, QuantLinear)
 
     def hook(mod: QuantModule, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].detach()
-        if plan.with_acts:  # op(Q_a(x), W_repr) - op(x, W) = op(Q_a(x), W + D) - op(x, W)
-            with _forced_on(mod.a_quant):
-                xa = mod.a_quant(x)
-            w = mod.weight.detach()
-            err = mod.op(xa, w + plan.delta, None) - mod.op(x, w, None)
+        rows = channel_rows(_layer_error(mod, args[0].detach(), plan), linear,
+                            state.get("mask")).double()
+        if "mean" not in acc:
+            acc["sum"] = acc.get("sum", 0) + rows.sum(dim=0)
+            acc["count"] = acc.get("count", 0) + rows.shape[0]
         else:
-            err = mod.op(x, plan.delta, None)
-        s, n = channel_mean(err, linear)
-        acc["sum"] = acc.get("sum", 0) + s
-        acc["count"] = acc.get("count", 0) + n
+            acc["abs_before"] = acc.get("abs_before", 0) + rows.abs().sum(dim=0)
+            acc["abs_after"] = acc.get("abs_after", 0) + (rows - acc["mean"]).abs().sum(dim=0)
     return hook
 
 
 @torch.no_grad()
-def mean_output_errors(ctx: Context, plans: dict[str, _Plan]) -> dict[str, torch.Tensor]:
-    """One float pass: E[error]_c per layer (C,), error as described by each plan."""
+def _error_pass(ctx: Context, plans: dict[str, _Plan], accs: dict[str, dict[str, Any]],
+                desc: str) -> None:
+    """One pass of the float model over the calibration set with the error hooks attached."""
     layers = ctx.layers()
-    accs: dict[str, dict[str, Any]] = {n: {} for n in plans}
-    handles = [layers[n].register_forward_pre_hook(_error_hook(layers[n], p, accs[n]))
+    state: dict[str, Any] = {}
+    handles = [layers[n].register_forward_pre_hook(_error_hook(layers[n], p, accs[n], state))
                for n, p in plans.items()]
     try:
         with quantizers_disabled(ctx.qmodel):
-            ctx.calib.run_all(ctx.qmodel)
+            for batch in tqdm(ctx.calib.batches, desc=desc, leave=False, disable=None):
+                state["mask"] = token_mask_of(batch)
+                ctx.calib.forward(ctx.qmodel, batch)
     finally:
         for h in handles:
             h.remove()
-    return {n: (a["sum"] / a["count"]).float() for n, a in accs.items() if a}
+
+
+@torch.no_grad()
+def mean_output_errors(ctx: Context, plans: dict[str, _Plan],
+                       robust: bool = False) -> dict[str, torch.Tensor]:
+    """E[error]_c per layer (C,) over the calibration set, error as described by each plan.
+    robust: a second pass zeroes the channels whose shift would raise the absolute error."""
+    accs: dict[str, dict[str, Any]] = {n: {} for n in plans}
+    _error_pass(ctx, plans, accs, "bias correction")
+    for a in accs.values():
+        if a:
+            a["mean"] = a["sum"] / a["count"]
+    if robust:
+        _error_pass(ctx, plans, accs, "bias correction (check)")
+        for a in accs.values():
+            if "abs_before" in a:
+                a["mean"] = torch.where(robust_shift_mask(a["abs_before"], a["abs_after"]),
+                                        a["mean"], torch.zeros_like(a["mean"]))
+    return {n: a["mean"].float() for n, a in accs.items() if "mean" in a}
 
 
 @torch.no_grad()
@@ -150,13 +218,15 @@ def _apply(layer: QuantModule, plan: _Plan, mean_err: torch.Tensor | None) -> di
     changed = int((layer.w_quant.int_repr(layer.weight) != codes).sum())
     if changed:  # float round-off at exact .5 ties; harmless but worth knowing
         log.debug("%d integer weights moved by folding xi", changed)
-    shift = 0.0
+    shift, shifted = 0.0, 0
     if mean_err is not None:
         bias = layer.ensure_bias()
         bias.sub_(mean_err.to(bias.dtype))
         shift = float(mean_err.abs().max())
+        shifted = int((mean_err != 0).sum())
     return {"xi_min": float(plan.xi.min()), "xi_max": float(plan.xi.max()),
-            "bias_shift_max": shift}
+            "bias_shift_max": shift,
+            "shifted_channels": shifted}
 
 
 @register_step
@@ -170,7 +240,7 @@ class BiasCorrection(Step):
         ctx.float_outputs()  # cache the float reference before weights are rescaled
         plans = {n: _plan(layer, self.options) for n, layer in ctx.layers().items()
                  if layer.w_quant.active}
-        errors = mean_output_errors(ctx, plans)
+        errors = mean_output_errors(ctx, plans, self.options.robust)
         layers = ctx.layers()
         for name, plan in plans.items():
             info = _apply(layers[name], plan, errors.get(name))
