@@ -4,13 +4,19 @@ Quantization").
 Step 1 (Lp initialisation): for every p of a grid (about 2..4) set each clipping range to the
 Lp-optimal one, argmin ||X - Q(X)||_p^p (weights per channel, activations per tensor), measure the
 calibration loss, fit a parabola loss(p) = a p^2 + b p + c and take its vertex p* = -b / (2a).
-The initialisation is the best of the grid points and p*.
+The Lp initialisation is the best of the grid points and p*.
+
+Initial point (beyond the paper, ``init='best'``, the default): Powell starts from whichever of
+the candidate range sets - Lp at p*, MSE (eq. 1 of Hubara et al.) and ACIQ (Banner) - has the
+lowest loss on the whole calibration set; ``init='lp'`` is the paper's choice. On models where the
+Lp ranges fit poorly (e.g. MobileNetV2's depthwise layers at 4 bits) starting from the Lp point
+leaves Powell's small budget too far from a good region.
 
 Step 2 (joint optimisation): one clipping multiplier m_q per quantizer, range_q = m_q * init_q,
 optimised jointly with Powell's method (scipy) on the calibration loss - label-free KL to the
 float logits, or cross-entropy when the calibration batches carry labels. At 4 bits and below the
 loss is not separable across layers, hence the joint search. The number of loss evaluations is
-capped; the result is never worse than the initialisation on the full calibration loss.
+capped; the result is never worse than the initial point on the full calibration loss.
 """
 
 from __future__ import annotations
@@ -35,13 +41,17 @@ from ..calib.loss import kl_to_float
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantModule
+from ..ranges import get_range_method
 from ..ranges.lp import lp_search_refined
 from .base import Context, Step, register_step
 
-__all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES"]
+__all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES", "INITS",
+           "INIT_CANDIDATES"]
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "kl", "ce")
+INITS = ("best", "lp")
+INIT_CANDIDATES = ("mse", "aciq")  # tried besides Lp at p* when init='best'
 Range = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -81,7 +91,9 @@ class LAPQOptions:
     'ce'. powell_samples: calibration samples for the p grid and Powell (None: all); the init
     and the final never-worse check use all. include_8bit: also optimise quantizers at >= 8
     bits. coarse / fine: Lp search resolution; max_samples: activation samples per layer.
-    cache_outputs: reuse unchanged layer prefixes between evaluations (faster, more memory)."""
+    cache_outputs: reuse unchanged layer prefixes between evaluations (faster, more memory).
+    init: 'best' (Powell starts from the lowest-loss of Lp at p*, MSE and ACIQ ranges; beyond
+    the paper) or 'lp' (the paper: Lp at p*)."""
 
     p_grid: tuple[float, ...] = (2.0, 2.5, 3.0, 3.5, 4.0)
     max_evals: int = 200
@@ -95,8 +107,11 @@ class LAPQOptions:
     fine: int = 20
     max_samples: int = 1 << 15
     cache_outputs: bool = True
+    init: str = "best"
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown LAPQ init {self.init!r}; expected one of {INITS}")
         if len(self.p_grid) < 3 or any(not p > 0 for p in self.p_grid):
             raise ValueError(f"p_grid needs at least 3 values > 0 to fit a parabola, got {self.p_grid}")
         if self.loss not in LOSSES:
@@ -272,6 +287,24 @@ def _p_search(prob: _Problem, opts: LAPQOptions,
     return tried[best][1], info
 
 
+def _choose_init(prob: _Problem, lp_init: dict[str, Range], opts: LAPQOptions,
+                 loss: Callable[[], float]) -> tuple[dict[str, Range], dict[str, Any]]:
+    """The initial point: Lp at p*, or (init='best') the candidate range set with the lowest
+    calibration ``loss``; it is left applied. Returns (ranges, info with every candidate's loss)."""
+    candidates = {"lp": lp_init}
+    if opts.init == "best":
+        for method in INIT_CANDIDATES:
+            fn = get_range_method(method)
+            candidates[method] = {n: fn(prob.data[n], q.spec) for n, q in prob.quantizers.items()}
+    losses: dict[str, float] = {}
+    for key, ranges in candidates.items():
+        prob.apply(ranges)
+        losses[key] = loss()
+    best = min(losses, key=lambda k: losses[k])
+    prob.apply(candidates[best])
+    return candidates[best], {"init": best, "init_losses": losses, "init_loss": losses[best]}
+
+
 def _powell(prob: _Problem, init: dict[str, Range], names: list[str], loss: Callable[[], float],
             opts: LAPQOptions) -> tuple[np.ndarray, float, int]:
     """Step 2: Powell over one multiplier per named quantizer, at most ``opts.max_evals`` loss
@@ -305,12 +338,12 @@ def _powell(prob: _Problem, init: dict[str, Range], names: list[str], loss: Call
     return best["x"], best["loss"], best["evals"]
 
 
-def _report_layers(ctx: Context, p_star: float, mult: dict[str, float]) -> None:
+def _report_layers(ctx: Context, start: str, mult: dict[str, float]) -> None:
     for name in ctx.layers():
         info = ctx.report.layer(name)
         for kind, key in (("w_quant", "w_range"), ("a_quant", "a_range")):
             m = mult.get(f"{name}.{kind}", 1.0)
-            info[key] = f"lapq(p={p_star:.2f}, x{m:.2f})"
+            info[key] = f"lapq({start}, x{m:.2f})"
 
 
 @register_step
@@ -328,8 +361,9 @@ class LAPQ(Step):
         cache = prob.cache = _PrefixCache(ctx.layers()) if opts.cache_outputs else None
         with cache.active() if cache is not None else nullcontext():
             sub = _evaluator(ctx, opts.loss, opts.powell_samples, cache)
-            init, info = _p_search(prob, opts, sub)
-            info["init_loss"] = full()
+            lp_init, info = _p_search(prob, opts, sub)
+            init, init_info = _choose_init(prob, lp_init, opts, full)
+            info.update(init_info)
             names = [n for n, q in prob.quantizers.items() if opts.include_8bit or q.spec.bits < 8]
             # Powell's first sweep follows this order and the budget may end it early: input
             # (activation) clipping usually matters most at low bits, so it goes first.
@@ -341,11 +375,12 @@ class LAPQ(Step):
                 mult = dict(zip(names, x.tolist()))
                 prob.apply(init, mult)
                 final = full()
-        if final > info["init_loss"]:  # never worse than the Lp initialisation
+        if final > info["init_loss"]:  # never worse than the initial point
             log.info("LAPQ: Powell result %.5f worse than its init %.5f; keeping the init",
                      final, info["init_loss"])
             prob.apply(init)
             final, mult = info["init_loss"], {}
-        _report_layers(ctx, info["p_star"], mult)
+        start = f"p={info['p_star']:.2f}" if info["init"] == "lp" else info["init"]
+        _report_layers(ctx, start, mult)
         return {**info, "loss": "ce" if _labels(ctx.calib, opts.loss) is not None else "kl",
                 "final_loss": final, "evals": evals, "optimised": len(names), "multipliers": mult}
