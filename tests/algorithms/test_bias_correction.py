@@ -10,7 +10,9 @@ from ptqkit.algorithms.base import Context, Report
 from ptqkit.algorithms.bias_correction import (
     BiasCorrection,
     BiasCorrectionOptions,
+    _plan,
     banner_correction,
+    checked_xi,
 )
 from ptqkit.calib.data import CalibrationData
 from ptqkit.nn.control import quantizers_disabled
@@ -102,8 +104,8 @@ def test_pipeline_step_and_options() -> None:
     q = ptqkit.quantize(net, x, Recipe(w_bits=3, a_bits=8, first_last_8bit=False)
                         .with_steps({"name": "bias_correction", "options": {"mode": "both"}}))
     assert [s["step"] for s in q.report.steps][:2] == ["ranges", "bias_correction"]
-    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "bias_shift_max",
-                                                                "shifted_channels"}
+    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "xi_channels",
+                                                                "bias_shift_max", "shifted_channels"}
     with pytest.raises(ValueError, match="unknown bias-correction mode 'mean'"):
         BiasCorrectionOptions(mode="mean")
 
@@ -167,3 +169,21 @@ def test_robust_correction_ignores_an_error_carried_by_one_token() -> None:
     _, _, layer, ctx, step = _token_setup(w, batches, 0.1, robust=False)
     step.run(ctx)
     assert float(layer.bias[0]) == pytest.approx(50.0 / 8, rel=1e-4)  # the plain mean shift
+
+
+@torch.no_grad()
+def test_xi_check_keeps_xi_only_where_it_lowers_the_output_error() -> None:
+    """Both channels lose an outlier weight 2.0 to clipping (grid 0.1, codes 0..15: 1.5), so
+    Banner's xi > 1 on both. Channel 0's outlier meets an input that is active (100 on the first
+    token): xi recovers part of it and stays. Channel 1's outlier meets an input that is always 0:
+    clipping cost nothing, xi would only inflate the other weights - it is reset to 1."""
+    w = torch.tensor([[0.3, 0.3, 2.0, 0.3], [0.3, 0.3, 0.3, 2.0]])
+    x = torch.zeros(4, 8, 4)
+    x[..., :2] = 1.0
+    x[:, 0, 2] = 100.0
+    _, _, layer, ctx, _ = _token_setup(w, [{"x": x, "attention_mask": torch.ones(4, 8)}], 0.1)
+    plan = _plan(layer, BiasCorrectionOptions("both"))
+    banner_xi, _ = banner_correction(layer.weight, layer.w_quant(layer.weight))
+    assert (banner_xi > 1.3).all()
+    kept = checked_xi(ctx, {"proj": plan})["proj"]
+    assert float(kept[0]) == pytest.approx(float(banner_xi[0])) and float(kept[1]) == 1.0

@@ -18,7 +18,7 @@ anything is modified.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +31,8 @@ from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
 from .base import Context, Step, register_step
 
-__all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean",
-           "robust_shift_mask", "token_mask_of", "BiasCorrectionOptions", "BiasCorrection"]
+__all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean", "robust_shift_mask",
+           "checked_xi", "centred_mse", "token_mask_of", "BiasCorrectionOptions", "BiasCorrection"]
 
 log = logging.getLogger(__name__)
 MODES = ("both", "banner", "empirical")
@@ -96,9 +96,10 @@ class BiasCorrectionOptions:
     """mode: 'banner' (mean/std per channel, xi into the scale, mean residual into the bias),
     'empirical' (bias absorbs the mean output error), 'both' (xi into the scale, then the
     empirical bias). activations: the empirical output error includes the layer's input
-    quantizer (Q_a(x) instead of x). robust (beyond the paper): keep a channel's bias shift only
-    where it also lowers the absolute output error on the calibration set (one more float pass;
-    see ``robust_shift_mask``)."""
+    quantizer (Q_a(x) instead of x). robust (beyond the paper): keep a channel's xi only where
+    it does not raise the output error left after the bias shift (``checked_xi``), and its bias
+    shift only where it also lowers the absolute output error (``robust_shift_mask``); two more
+    float passes over the calibration set."""
 
     mode: str = "both"
     activations: bool = False
@@ -120,16 +121,27 @@ class _Plan:
 
 
 @torch.no_grad()
-def _plan(layer: QuantModule, opts: BiasCorrectionOptions) -> _Plan:
+def _plan(layer: QuantModule, opts: BiasCorrectionOptions,
+          xi: torch.Tensor | None = None) -> _Plan:
+    """The plan of one layer; ``xi`` (C,) replaces Banner's xi when given (the robust check)."""
     w = layer.weight.detach()
     w_q = layer.w_quant(w)
     shape = [-1] + [1] * (w.dim() - 1)
     if opts.mode == "empirical":
         return _Plan(torch.ones(layer.out_channels), w_q - w, opts.activations)
-    xi, d = banner_correction(w, w_q)
+    xi_b, _ = banner_correction(w, w_q)
+    xi = xi_b if xi is None else xi
     if opts.mode == "banner":
+        d = (w - xi.reshape(shape) * w_q).reshape(w.shape[0], -1).mean(dim=1)
         return _Plan(xi, -d.reshape(shape).expand_as(w).clone(), False)
     return _Plan(xi, xi.reshape(shape) * w_q - w, opts.activations)
+
+
+def centred_mse(acc: dict[str, Any], key: str) -> torch.Tensor:
+    """Per-channel output MSE left after the best constant shift, Var = E[e^2] - E[e]^2 (C,),
+    from sums ``key + '_sum'`` and ``key + '_sq'`` over ``acc['count']`` positions."""
+    mean = acc[key + "_sum"] / acc["count"]
+    return acc[key + "_sq"] / acc["count"] - mean * mean
 
 
 @contextmanager
@@ -152,33 +164,54 @@ def _layer_error(mod: QuantModule, x: torch.Tensor, plan: _Plan) -> torch.Tensor
     return mod.op(x, plan.delta, None)
 
 
-def _error_hook(layer: QuantModule, plan: _Plan, acc: dict[str, Any],
-                state: dict[str, Any]):  # type: ignore[no-untyped-def]
-    """Forward pre-hook accumulating per-channel statistics of the output error on float inputs
-    over the real positions of the batch (state['mask']): pass 1 the sum, pass 2 (once
-    acc['mean'] is known) the absolute error without and with the shift."""
+Collector = Callable[[QuantModule, torch.Tensor, "torch.Tensor | None"], None]
+
+
+def _error_collector(layer: QuantModule, plan: _Plan, acc: dict[str, Any]) -> Collector:
+    """Per-channel statistics of the plan's output error over the real positions of a batch:
+    first the sum (pass 1), then, once acc['mean'] is known, the absolute error without and
+    with the shift (the robust check)."""
     linear = isinstance(layer, QuantLinear)
 
-    def hook(mod: QuantModule, args: tuple[torch.Tensor, ...]) -> None:
-        rows = channel_rows(_layer_error(mod, args[0].detach(), plan), linear,
-                            state.get("mask")).double()
+    def collect(mod: QuantModule, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        rows = channel_rows(_layer_error(mod, x, plan), linear, mask).double()
         if "mean" not in acc:
             acc["sum"] = acc.get("sum", 0) + rows.sum(dim=0)
             acc["count"] = acc.get("count", 0) + rows.shape[0]
         else:
             acc["abs_before"] = acc.get("abs_before", 0) + rows.abs().sum(dim=0)
             acc["abs_after"] = acc.get("abs_after", 0) + (rows - acc["mean"]).abs().sum(dim=0)
-    return hook
+    return collect
+
+
+def _xi_collector(layer: QuantModule, xi: torch.Tensor, acc: dict[str, Any]) -> Collector:
+    """Sums and squared sums of the output error with Banner's xi (xi W~ - W) and without it
+    (W~ - W), per channel, for ``centred_mse``."""
+    linear = isinstance(layer, QuantLinear)
+    w = layer.weight.detach()
+    w_q = layer.w_quant(w)
+    deltas = {"xi": xi.reshape([-1] + [1] * (w.dim() - 1)) * w_q - w, "one": w_q - w}
+
+    def collect(mod: QuantModule, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        for key, delta in deltas.items():
+            rows = channel_rows(mod.op(x, delta, None), linear, mask).double()
+            acc[key + "_sum"] = acc.get(key + "_sum", 0) + rows.sum(dim=0)
+            acc[key + "_sq"] = acc.get(key + "_sq", 0) + rows.pow(2).sum(dim=0)
+        acc["count"] = acc.get("count", 0) + rows.shape[0]
+    return collect
 
 
 @torch.no_grad()
-def _error_pass(ctx: Context, plans: dict[str, _Plan], accs: dict[str, dict[str, Any]],
-                desc: str) -> None:
-    """One pass of the float model over the calibration set with the error hooks attached."""
+def _stats_pass(ctx: Context, collectors: dict[str, Collector], desc: str) -> None:
+    """One pass of the float model over the calibration set; each named layer's collector sees
+    its float input and the batch's token mask (None for non-token batches)."""
     layers = ctx.layers()
     state: dict[str, Any] = {}
-    handles = [layers[n].register_forward_pre_hook(_error_hook(layers[n], p, accs[n], state))
-               for n, p in plans.items()]
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        return lambda mod, args: collectors[name](mod, args[0].detach(), state.get("mask"))
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in collectors]
     try:
         with quantizers_disabled(ctx.qmodel):
             for batch in tqdm(ctx.calib.batches, desc=desc, leave=False, disable=None):
@@ -190,17 +223,33 @@ def _error_pass(ctx: Context, plans: dict[str, _Plan], accs: dict[str, dict[str,
 
 
 @torch.no_grad()
+def checked_xi(ctx: Context, plans: dict[str, _Plan]) -> dict[str, torch.Tensor]:
+    """Robust check of Banner's xi: per channel, keep xi only where the output error left after
+    the bias shift (``centred_mse``) is not larger with it than without it, else 1. Rescaling is
+    meant to restore the spread lost to rounding; after clipping an outlier weight (which then
+    dominates std(W)) it blows the whole channel up instead."""
+    layers = ctx.layers()
+    accs: dict[str, dict[str, Any]] = {n: {} for n in plans}
+    _stats_pass(ctx, {n: _xi_collector(layers[n], p.xi, accs[n]) for n, p in plans.items()},
+                "bias correction (xi check)")
+    return {n: torch.where(centred_mse(a, "xi") <= centred_mse(a, "one"), plans[n].xi,
+                           torch.ones_like(plans[n].xi)) for n, a in accs.items() if a}
+
+
+@torch.no_grad()
 def mean_output_errors(ctx: Context, plans: dict[str, _Plan],
                        robust: bool = False) -> dict[str, torch.Tensor]:
     """E[error]_c per layer (C,) over the calibration set, error as described by each plan.
     robust: a second pass zeroes the channels whose shift would raise the absolute error."""
+    layers = ctx.layers()
     accs: dict[str, dict[str, Any]] = {n: {} for n in plans}
-    _error_pass(ctx, plans, accs, "bias correction")
+    collectors = {n: _error_collector(layers[n], p, accs[n]) for n, p in plans.items()}
+    _stats_pass(ctx, collectors, "bias correction")
     for a in accs.values():
         if a:
             a["mean"] = a["sum"] / a["count"]
     if robust:
-        _error_pass(ctx, plans, accs, "bias correction (check)")
+        _stats_pass(ctx, collectors, "bias correction (shift check)")
         for a in accs.values():
             if "abs_before" in a:
                 a["mean"] = torch.where(robust_shift_mask(a["abs_before"], a["abs_after"]),
@@ -225,7 +274,7 @@ def _apply(layer: QuantModule, plan: _Plan, mean_err: torch.Tensor | None) -> di
         shift = float(mean_err.abs().max())
         shifted = int((mean_err != 0).sum())
     return {"xi_min": float(plan.xi.min()), "xi_max": float(plan.xi.max()),
-            "bias_shift_max": shift,
+            "xi_channels": int((plan.xi != 1).sum()), "bias_shift_max": shift,
             "shifted_channels": shifted}
 
 
@@ -238,10 +287,12 @@ class BiasCorrection(Step):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         ctx.float_outputs()  # cache the float reference before weights are rescaled
-        plans = {n: _plan(layer, self.options) for n, layer in ctx.layers().items()
-                 if layer.w_quant.active}
+        layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active}
+        plans = {n: _plan(layer, self.options) for n, layer in layers.items()}
+        if self.options.robust and self.options.mode != "empirical":
+            xis = checked_xi(ctx, plans)
+            plans = {n: _plan(layers[n], self.options, xis.get(n)) for n in plans}
         errors = mean_output_errors(ctx, plans, self.options.robust)
-        layers = ctx.layers()
         for name, plan in plans.items():
             info = _apply(layers[name], plan, errors.get(name))
             ctx.report.layer(name).update(bias_correction=info)
