@@ -11,7 +11,9 @@ from ptqkit.algorithms.bias_correction import (
     BiasCorrection,
     BiasCorrectionOptions,
     _plan,
+    _undo_handle,
     banner_correction,
+    calibration_kl,
     checked_xi,
 )
 from ptqkit.calib.data import CalibrationData
@@ -104,7 +106,7 @@ def test_pipeline_step_and_options() -> None:
     q = ptqkit.quantize(net, x, Recipe(w_bits=3, a_bits=8, first_last_8bit=False)
                         .with_steps({"name": "bias_correction", "options": {"mode": "both"}}))
     assert [s["step"] for s in q.report.steps][:2] == ["ranges", "bias_correction"]
-    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "xi_channels",
+    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "xi_channels", "kept",
                                                                 "bias_shift_max", "shifted_channels"}
     with pytest.raises(ValueError, match="unknown bias-correction mode 'mean'"):
         BiasCorrectionOptions(mode="mean")
@@ -133,6 +135,7 @@ def _token_setup(weight: torch.Tensor, batches: list[dict[str, torch.Tensor]], s
     layer = quant_layers(q)["proj"]
     layer.w_quant.set_qparams(torch.full((weight.shape[0],), step_q), torch.zeros(weight.shape[0]))
     ctx = Context(q, calib, Report())
+    opts = {"guard": False, **opts}  # these tests check the statistics, not the loss guard
     return net, q, layer, ctx, BiasCorrection(BiasCorrectionOptions("empirical", **opts))
 
 
@@ -187,3 +190,38 @@ def test_xi_check_keeps_xi_only_where_it_lowers_the_output_error() -> None:
     assert (banner_xi > 1.3).all()
     kept = checked_xi(ctx, {"proj": plan})["proj"]
     assert float(kept[0]) == pytest.approx(float(banner_xi[0])) and float(kept[1]) == 1.0
+
+
+def _tiny_ctx(tiny: nn.Module, data: torch.Tensor) -> Context:
+    q = ptqkit.quantize(tiny, data, Recipe(w_bits=3, a_bits=3, first_last_8bit=False,
+                                           w_range="minmax", a_range="aciq"))
+    return Context(q, CalibrationData(data), Report())
+
+
+@torch.no_grad()
+def test_guard_never_raises_the_calibration_loss(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    for mode in ("both", "banner", "empirical"):
+        ctx = _tiny_ctx(tiny, tiny_data)
+        before = calibration_kl(ctx)
+        summary = BiasCorrection(BiasCorrectionOptions(mode)).run(ctx)
+        assert summary["kl_before"] == pytest.approx(before)
+        assert calibration_kl(ctx) <= before + 1e-7
+        assert summary["kept"] == (summary["kl_after"] <= summary["kl_before"])
+
+
+@torch.no_grad()
+def test_undo_restores_weights_scales_and_biases_bit_exactly(tiny: nn.Module,
+                                                             tiny_data: torch.Tensor) -> None:
+    ctx = _tiny_ctx(tiny, tiny_data)
+    layers = ctx.layers()
+    layers["fc"].bias = None  # a layer without bias: the step creates one, undo removes it
+    state = {k: v.clone() for k, v in ctx.qmodel.state_dict().items()}
+    out = ctx.qmodel(tiny_data)
+    undo = _undo_handle(layers)
+    BiasCorrection(BiasCorrectionOptions("both", guard=False)).run(ctx)
+    assert layers["fc"].bias is not None
+    undo()
+    assert layers["fc"].bias is None
+    after = ctx.qmodel.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert torch.equal(ctx.qmodel(tiny_data), out)

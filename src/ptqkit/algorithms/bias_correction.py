@@ -26,13 +26,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..calib.loss import kl_to_float
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
 from .base import Context, Step, register_step
 
 __all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean", "robust_shift_mask",
-           "checked_xi", "centred_mse", "token_mask_of", "BiasCorrectionOptions", "BiasCorrection"]
+           "checked_xi", "centred_mse", "token_mask_of", "calibration_kl", "BiasCorrectionOptions",
+           "BiasCorrection"]
 
 log = logging.getLogger(__name__)
 MODES = ("both", "banner", "empirical")
@@ -99,11 +101,14 @@ class BiasCorrectionOptions:
     quantizer (Q_a(x) instead of x). robust (beyond the paper): keep a channel's xi only where
     it does not raise the output error left after the bias shift (``checked_xi``), and its bias
     shift only where it also lowers the absolute output error (``robust_shift_mask``); two more
-    float passes over the calibration set."""
+    float passes over the calibration set. guard (beyond the paper): undo the whole correction
+    if it raises the calibration loss (KL of the model outputs to the float ones) - the
+    per-layer statistics use float inputs and cannot see how errors compound at 3-4 bits."""
 
     mode: str = "both"
     activations: bool = False
     robust: bool = True
+    guard: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -278,6 +283,37 @@ def _apply(layer: QuantModule, plan: _Plan, mean_err: torch.Tensor | None) -> di
             "shifted_channels": shifted}
 
 
+@torch.no_grad()
+def calibration_kl(ctx: Context) -> float:
+    """Sample-weighted mean KL(float || quantized) of the model outputs on the calibration set."""
+    total, count = 0.0, 0
+    for batch, ref in zip(ctx.calib.batches, ctx.float_outputs()):
+        out = ctx.calib.forward(ctx.qmodel, batch)
+        n = ref.reshape(-1, ref.shape[-1]).shape[0]
+        total += float(kl_to_float(ref, out)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def _undo_handle(layers: dict[str, QuantModule]) -> Callable[[], None]:
+    """Saves what the step changes (weight, weight scale, bias); calling the handle restores
+    them bit-exactly (a bias the step created is removed again)."""
+    saved = {n: (m.weight.detach().clone(), m.w_quant.scale.detach().clone(),
+                 None if m.bias is None else m.bias.detach().clone()) for n, m in layers.items()}
+
+    @torch.no_grad()
+    def undo() -> None:
+        for n, (w, scale, bias) in saved.items():
+            m = layers[n]
+            m.weight.copy_(w)
+            m.w_quant.scale.copy_(scale)
+            if bias is None:
+                m.bias = None
+            else:
+                m.bias.copy_(bias)  # type: ignore[union-attr]
+    return undo
+
+
 @register_step
 class BiasCorrection(Step):
     """Banner's per-channel weight bias correction and/or empirical bias correction."""
@@ -293,8 +329,15 @@ class BiasCorrection(Step):
             xis = checked_xi(ctx, plans)
             plans = {n: _plan(layers[n], self.options, xis.get(n)) for n in plans}
         errors = mean_output_errors(ctx, plans, self.options.robust)
-        for name, plan in plans.items():
-            info = _apply(layers[name], plan, errors.get(name))
-            ctx.report.layer(name).update(bias_correction=info)
+        before = calibration_kl(ctx) if self.options.guard else None
+        undo = _undo_handle({n: layers[n] for n in plans})
+        infos = {n: _apply(layers[n], plan, errors.get(n)) for n, plan in plans.items()}
+        after = calibration_kl(ctx) if self.options.guard else None
+        kept = before is None or after is None or after <= before
+        if not kept:
+            log.info("bias correction raised the calibration KL %.5f -> %.5f; undone", before, after)
+            undo()
+        for name, info in infos.items():
+            ctx.report.layer(name).update(bias_correction={**info, "kept": kept})
         return {"mode": self.options.mode, "activations": self.options.activations,
-                "layers": len(plans)}
+                "layers": len(plans), "kl_before": before, "kl_after": after, "kept": kept}
