@@ -225,3 +225,17 @@ def test_undo_restores_weights_scales_and_biases_bit_exactly(tiny: nn.Module,
     after = ctx.qmodel.state_dict()
     assert set(after) == set(state) and all(torch.equal(after[k], v) for k, v in state.items())
     assert torch.equal(ctx.qmodel(tiny_data), out)
+
+
+@torch.no_grad()
+def test_sequential_mode_zeroes_the_mean_output_error_of_the_quantized_model(
+        tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    """Each layer is corrected on its quantized inputs after the layers before it: the final
+    logits of the quantized model then have the float model's mean, channel by channel."""
+    ctx = _tiny_ctx(tiny, tiny_data)
+    ref = torch.cat(ctx.float_outputs())
+    before = (ctx.qmodel(tiny_data) - ref).mean(0).abs().max()
+    summary = BiasCorrection(BiasCorrectionOptions("sequential", guard=False)).run(ctx)
+    assert summary["mode"] == "sequential" and summary["layers"] == 3
+    after = (ctx.qmodel(tiny_data) - ref).mean(0).abs().max()
+    assert before > 1e-2 and after < 1e-5

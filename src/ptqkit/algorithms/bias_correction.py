@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +33,11 @@ from ..nn.modules import QuantLinear, QuantModule
 from .base import Context, Step, register_step
 
 __all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean", "robust_shift_mask",
-           "checked_xi", "centred_mse", "token_mask_of", "calibration_kl", "BiasCorrectionOptions",
-           "BiasCorrection"]
+           "checked_xi", "centred_mse", "token_mask_of", "calibration_kl", "sequential_correction",
+           "BiasCorrectionOptions", "BiasCorrection"]
 
 log = logging.getLogger(__name__)
-MODES = ("both", "banner", "empirical")
+MODES = ("both", "banner", "empirical", "sequential")
 
 
 def banner_correction(w: torch.Tensor, w_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,13 +97,15 @@ def token_mask_of(batch: Any) -> torch.Tensor | None:
 class BiasCorrectionOptions:
     """mode: 'banner' (mean/std per channel, xi into the scale, mean residual into the bias),
     'empirical' (bias absorbs the mean output error), 'both' (xi into the scale, then the
-    empirical bias). activations: the empirical output error includes the layer's input
-    quantizer (Q_a(x) instead of x). robust (beyond the paper): keep a channel's xi only where
-    it does not raise the output error left after the bias shift (``checked_xi``), and its bias
-    shift only where it also lowers the absolute output error (``robust_shift_mask``); two more
-    float passes over the calibration set. guard (beyond the paper): undo the whole correction
-    if it raises the calibration loss (KL of the model outputs to the float ones) - the
-    per-layer statistics use float inputs and cannot see how errors compound at 3-4 bits."""
+    empirical bias), 'sequential' (empirical, measured on the quantized model's own inputs
+    layer by layer; ``sequential_correction``). activations: the empirical output error
+    includes the layer's input quantizer (Q_a(x) instead of x).
+
+    Beyond the paper: robust keeps a channel's xi only where it does not raise the output error
+    left after the bias shift (``checked_xi``) and its bias shift only where it also lowers the
+    absolute output error (``robust_shift_mask``); two more float passes. guard undoes the
+    whole correction if it raises the calibration loss (KL of the model outputs to the float
+    ones): the per-layer statistics use float inputs and cannot see how errors compound."""
 
     mode: str = "both"
     activations: bool = False
@@ -132,7 +134,7 @@ def _plan(layer: QuantModule, opts: BiasCorrectionOptions,
     w = layer.weight.detach()
     w_q = layer.w_quant(w)
     shape = [-1] + [1] * (w.dim() - 1)
-    if opts.mode == "empirical":
+    if opts.mode in ("empirical", "sequential"):
         return _Plan(torch.ones(layer.out_channels), w_q - w, opts.activations)
     xi_b, _ = banner_correction(w, w_q)
     xi = xi_b if xi is None else xi
@@ -283,6 +285,66 @@ def _apply(layer: QuantModule, plan: _Plan, mean_err: torch.Tensor | None) -> di
             "shifted_channels": shifted}
 
 
+class _StopForward(Exception):
+    """Raised by a hook once the layer of interest has run: the rest of the model is skipped."""
+
+
+@torch.no_grad()
+def _output_means(ctx: Context, names: list[str], quantized: bool,
+                  stop: bool = False) -> dict[str, torch.Tensor]:
+    """Per-channel mean (C,) of each named layer's output over the real positions of the
+    calibration set, in the float model (quantizers off) or the quantized one. ``stop``: skip
+    the rest of the model after the last named layer (one layer at a time)."""
+    layers = ctx.layers()
+    accs: dict[str, list[Any]] = {n: [0, 0] for n in names}
+    state: dict[str, Any] = {}
+
+    def hook(name: str):  # type: ignore[no-untyped-def]
+        def fn(mod: QuantModule, args: Any, out: torch.Tensor) -> None:
+            s, n = channel_mean(out.detach(), isinstance(mod, QuantLinear), state.get("mask"))
+            accs[name][0], accs[name][1] = accs[name][0] + s, accs[name][1] + n
+            if stop and name == names[-1]:
+                raise _StopForward
+        return fn
+
+    handles = [layers[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with quantizers_disabled(ctx.qmodel) if not quantized else nullcontext():
+            for batch in ctx.calib.batches:
+                state["mask"] = token_mask_of(batch)
+                try:
+                    ctx.calib.forward(ctx.qmodel, batch)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (a[0] / max(a[1], 1)).float() for n, a in accs.items() if a[1]}
+
+
+@torch.no_grad()
+def sequential_correction(ctx: Context, names: list[str]) -> dict[str, dict[str, float]]:
+    """Empirical bias correction on the quantized model's own inputs, layer by layer in
+    execution order (beyond the paper): b_l -= E[y_l(quantized prefix)] - E[y_l(float)], each
+    layer seeing the already corrected layers before it, so errors that compound through the
+    network (and the input quantizers' own bias) are corrected too. One float pass, then one
+    pass per layer that stops after that layer."""
+    float_means = _output_means(ctx, names, quantized=False)
+    layers = ctx.layers()
+    infos: dict[str, dict[str, float]] = {}
+    for name in tqdm(names, desc="bias correction (sequential)", leave=False, disable=None):
+        if name not in float_means:
+            continue
+        q_mean = _output_means(ctx, [name], quantized=True, stop=True)[name]
+        err = q_mean - float_means[name]
+        bias = layers[name].ensure_bias()
+        bias.sub_(err.to(bias.dtype))
+        infos[name] = {"xi_min": 1.0, "xi_max": 1.0, "xi_channels": 0,
+                       "bias_shift_max": float(err.abs().max()),
+                       "shifted_channels": int((err != 0).sum())}
+    return infos
+
+
 @torch.no_grad()
 def calibration_kl(ctx: Context) -> float:
     """Sample-weighted mean KL(float || quantized) of the model outputs on the calibration set."""
@@ -325,13 +387,16 @@ class BiasCorrection(Step):
         ctx.float_outputs()  # cache the float reference before weights are rescaled
         layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active}
         plans = {n: _plan(layer, self.options) for n, layer in layers.items()}
-        if self.options.robust and self.options.mode != "empirical":
+        if self.options.robust and self.options.mode in ("both", "banner"):
             xis = checked_xi(ctx, plans)
             plans = {n: _plan(layers[n], self.options, xis.get(n)) for n in plans}
-        errors = mean_output_errors(ctx, plans, self.options.robust)
         before = calibration_kl(ctx) if self.options.guard else None
         undo = _undo_handle({n: layers[n] for n in plans})
-        infos = {n: _apply(layers[n], plan, errors.get(n)) for n, plan in plans.items()}
+        if self.options.mode == "sequential":
+            infos = sequential_correction(ctx, list(plans))
+        else:
+            errors = mean_output_errors(ctx, plans, self.options.robust)
+            infos = {n: _apply(layers[n], plan, errors.get(n)) for n, plan in plans.items()}
         after = calibration_kl(ctx) if self.options.guard else None
         kept = before is None or after is None or after <= before
         if not kept:
