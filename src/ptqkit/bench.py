@@ -124,6 +124,8 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "aciq": lambda c: c.recipe(w_range="minmax", a_range="aciq"),
     "aciq+bc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bias_correction"]),
     "aciq+alloc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bit_allocation"]),
+    "aciq+seqbc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=[
+        {"name": "bias_correction", "options": {"mode": "sequential", "guard": False}}]),
     "aciq-wa": lambda c: c.recipe(w_range="aciq", a_range="aciq"),
     "aciq-wa+bc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bias_correction"]),
     "lp": lambda c: c.recipe(w_range="lp", a_range="lp"),
