@@ -123,3 +123,19 @@ def test_prefix_cache_gives_the_same_result_as_full_evaluations(tiny: nn.Module,
     with torch.no_grad():
         assert torch.equal(q1(tiny_data), q2(tiny_data))
     assert not any("forward" in vars(m) for m in q1.modules())  # wrappers removed
+
+
+def test_result_is_never_worse_on_the_samples_powell_did_not_see(tiny: nn.Module,
+                                                                 tiny_data) -> None:
+    from ptqkit.algorithms.lapq import _held_out
+    from ptqkit.calib.data import CalibrationData
+
+    calib = [tiny_data[i:i + 16] for i in range(0, 64, 16)]
+    held = _held_out(CalibrationData(calib), 32)
+    assert held is not None and held.num_samples == 32
+    assert torch.equal(held.batches[0], calib[2])
+    assert _held_out(CalibrationData(calib), 64) is None
+    _, s = _lapq(tiny, calib, max_evals=20, powell_samples=32)
+    assert s["init_held_loss"] is not None and s["final_loss"] <= s["init_loss"]
+    if s["multipliers"]:  # Powell's result kept: not worse on the unseen half either
+        assert s["final_held_loss"] <= s["init_held_loss"]
