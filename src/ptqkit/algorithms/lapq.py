@@ -41,9 +41,9 @@ from ..calib.loss import kl_to_float
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantModule
-from ..ranges import get_range_method
 from ..ranges.lp import lp_search_refined
 from .base import Context, Step, register_step
+from .range_init import RangeOptions, init_activation_ranges, init_weight_ranges
 
 __all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES", "INITS",
            "INIT_CANDIDATES"]
@@ -304,16 +304,26 @@ def _p_search(prob: _Problem, opts: LAPQOptions,
     return tried[best][1], info
 
 
-def _choose_init(prob: _Problem, lp_init: dict[str, Range], opts: LAPQOptions,
+def _range_step_candidate(ctx: Context, prob: _Problem, w_method: str,
+                          a_method: str) -> dict[str, Range]:
+    """The ranges the "ranges" step itself sets with these methods (same statistics, samples
+    and seed as a recipe with w_range / a_range), read back per quantizer. At 3 bits a
+    half-step shift of a zero-point changes the loss a lot, so the candidate must be exactly
+    the recipe's, not a re-estimate from LAPQ's smaller Lp sample."""
+    opts = RangeOptions(weights=w_method, activations=a_method)
+    init_weight_ranges(ctx, opts)
+    init_activation_ranges(ctx, opts)
+    return {n: q.range() for n, q in prob.quantizers.items()}
+
+
+def _choose_init(ctx: Context, prob: _Problem, lp_init: dict[str, Range], opts: LAPQOptions,
                  loss: Callable[[], float]) -> tuple[dict[str, Range], dict[str, Any]]:
     """The initial point: Lp at p*, or (init='best') the candidate range set with the lowest
     calibration ``loss``; it is left applied. Returns (ranges, info with every candidate's loss)."""
     candidates = {"lp": lp_init}
     if opts.init == "best":
         for key, (w_method, a_method) in INIT_CANDIDATES.items():
-            fns = {"w_quant": get_range_method(w_method), "a_quant": get_range_method(a_method)}
-            candidates[key] = {n: fns[n.rsplit(".", 1)[1]](prob.data[n], q.spec)
-                               for n, q in prob.quantizers.items()}
+            candidates[key] = _range_step_candidate(ctx, prob, w_method, a_method)
     losses: dict[str, float] = {}
     for key, ranges in candidates.items():
         prob.apply(ranges)
@@ -380,7 +390,7 @@ class LAPQ(Step):
         with cache.active() if cache is not None else nullcontext():
             sub = _evaluator(ctx, opts.loss, opts.powell_samples, cache)
             lp_init, info = _p_search(prob, opts, sub)
-            init, init_info = _choose_init(prob, lp_init, opts, full)
+            init, init_info = _choose_init(ctx, prob, lp_init, opts, full)
             info.update(init_info)
             held_data = _held_out(ctx.calib, opts.powell_samples)
             held = _evaluator(ctx, opts.loss, None, data=held_data) if held_data else None
