@@ -121,9 +121,16 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
     "light": lambda c: Recipe.preset("light", first_last_8bit=c.first_last_8bit, seed=c.seed),
     "advanced": lambda c: Recipe.preset("advanced", first_last_8bit=c.first_last_8bit, seed=c.seed),
-    "aciq": lambda c: c.recipe(w_range="aciq", a_range="aciq"),
-    "aciq+bc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bias_correction"]),
-    "aciq+alloc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bit_allocation"]),
+    # Banner et al.: ACIQ clips the activations; weights stay per-channel min-max (with bit
+    # allocation / bias correction). ACIQ on the weights too ("aciq-wa") clips them too hard at
+    # 3-4 bits (calibration KL, see results/issue3/README.md).
+    "aciq": lambda c: c.recipe(w_range="minmax", a_range="aciq"),
+    "aciq+bc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bias_correction"]),
+    "aciq+alloc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bit_allocation"]),
+    "aciq+seqbc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=[
+        {"name": "bias_correction", "options": {"mode": "sequential", "guard": False}}]),
+    "aciq-wa": lambda c: c.recipe(w_range="aciq", a_range="aciq"),
+    "aciq-wa+bc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bias_correction"]),
     "lp": lambda c: c.recipe(w_range="lp", a_range="lp"),
     "lapq": lambda c: c.recipe(w_range="minmax", a_range="minmax", steps=["lapq"]),  # LAPQ sets ranges
 }

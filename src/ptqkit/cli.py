@@ -25,7 +25,8 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline", choices=sorted(PRESETS), help="recipe preset")
     g.add_argument("--w-bits", type=int, help="weight bits (2..8)")
     g.add_argument("--a-bits", type=int, help="activation bits (2..8)")
-    g.add_argument("--range", dest="range_", help="range method for weights and activations")
+    g.add_argument("--range", dest="range_",
+                   help="range method for weights and activations: aciq, lp, mse, minmax, percentile")
     g.add_argument("--w-range", help="range method for weights")
     g.add_argument("--a-range", help="range method for activations")
     g.add_argument("--no-first-last-8bit", action="store_true",
@@ -35,6 +36,12 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--override", action="append", metavar="NAME=W,A",
                    help="per-layer bits, e.g. layer1.0.conv1=8,8")
     g.add_argument("--seed", type=int)
+    g.add_argument("--bit-allocation", action="store_true",
+                   help="Banner's per-channel bit allocation of the weights (mean = --w-bits)")
+    g.add_argument("--lapq", action="store_true",
+                   help="loss-aware clipping (LAPQ): sets every clipping range itself")
+    g.add_argument("--bias-correction", action="store_true",
+                   help="Banner's bias correction of the quantized weights (runs last)")
     g.add_argument("--compression", type=float, help="mixed precision: weight compression budget")
     g.add_argument("--max-drop", type=float, help="mixed precision: closed-loop drop budget")
     g.add_argument("--candidates", help="mixed precision: default, relaxed or w8a8,w4a4,...")
@@ -49,6 +56,32 @@ def _parse_override(text: str) -> tuple[str, list[int]]:
     if not sep or not name:
         raise ValueError(f"--override {text!r}: expected NAME=W,A such as conv1=8,8")
     return name, [w, a]
+
+
+# Order the method flags add their steps in: channel bits first (they change the weight grids),
+# LAPQ's ranges next, bias correction last (it corrects the final quantized weights).
+_STEP_FLAGS = (("bit_allocation", "bit_allocation"), ("lapq", "lapq"),
+               ("bias_correction", "bias_correction"))
+
+
+def _step_flags(args: argparse.Namespace, base: Recipe) -> list[str]:
+    """Steps asked for by --bit-allocation / --lapq / --bias-correction; ValueError (one line)
+    for combinations that cannot work."""
+    wanted = [step for flag, step in _STEP_FLAGS if getattr(args, flag, False)]
+    flag = lambda step: "--" + step.replace("_", "-")  # noqa: E731
+    if "lapq" in wanted and (args.range_ or args.w_range or args.a_range):
+        raise ValueError("--lapq sets the clipping ranges itself; drop --range/--w-range/--a-range")
+    if "lapq" in wanted and "bit_allocation" in wanted:
+        raise ValueError("--lapq and --bit-allocation cannot be combined: LAPQ searches ranges "
+                         "for the layer's bit width, bit allocation changes it per channel")
+    present = {s.name for s in base.steps}
+    for step in wanted:
+        if step in present:
+            raise ValueError(f"{flag(step)}: the recipe already runs the {step} step; drop the flag")
+    if "bit_allocation" in wanted and "mixed_precision" in present:
+        raise ValueError("--bit-allocation cannot follow a mixed-precision pipeline: choose the "
+                         "layer bits first, or drop --pipeline")
+    return wanted
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
@@ -71,6 +104,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         d["exclude"] = list(d["exclude"]) + args.exclude
     if args.override:
         d["overrides"] = {**d["overrides"], **dict(_parse_override(o) for o in args.override)}
+    steps = _step_flags(args, base)
+    if steps:
+        d["steps"] = list(d["steps"]) + [{"name": s, "options": {}} for s in steps]
     mp = {k: getattr(args, k) for k in ("compression", "max_drop", "candidates")
           if getattr(args, k, None) is not None}
     return with_mixed_precision(Recipe.from_dict(d), **mp) if mp else Recipe.from_dict(d)

@@ -7,7 +7,15 @@ from torch.testing import assert_close
 
 import ptqkit
 from ptqkit.algorithms.base import Context, Report
-from ptqkit.algorithms.bias_correction import BiasCorrection, BiasCorrectionOptions, banner_correction
+from ptqkit.algorithms.bias_correction import (
+    BiasCorrection,
+    BiasCorrectionOptions,
+    _plan,
+    _undo_handle,
+    banner_correction,
+    calibration_kl,
+    checked_xi,
+)
 from ptqkit.calib.data import CalibrationData
 from ptqkit.nn.control import quantizers_disabled
 from ptqkit.nn.modules import quant_layers
@@ -75,6 +83,7 @@ def test_empirical_with_activation_error_zeroes_the_full_layer_error() -> None:
 @torch.no_grad()
 def test_banner_folds_xi_into_the_scale_and_keeps_codes() -> None:
     net, q, layer, x, ctx, step = _biased_layer("banner", spread=0.1)
+    step = BiasCorrection(BiasCorrectionOptions("banner", robust=False))  # the paper's xi as is
     w0 = layer.weight.clone()
     before = _mean_error(net, q, x).abs().max()
     codes, scale = layer.w_quant.int_repr(w0), layer.w_quant.scale.clone()
@@ -97,6 +106,136 @@ def test_pipeline_step_and_options() -> None:
     q = ptqkit.quantize(net, x, Recipe(w_bits=3, a_bits=8, first_last_8bit=False)
                         .with_steps({"name": "bias_correction", "options": {"mode": "both"}}))
     assert [s["step"] for s in q.report.steps][:2] == ["ranges", "bias_correction"]
-    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "bias_shift_max"}
+    assert set(q.report.layers["0"]["bias_correction"]) == {"xi_min", "xi_max", "xi_channels", "kept",
+                                                                "bias_shift_max", "shifted_channels"}
     with pytest.raises(ValueError, match="unknown bias-correction mode 'mean'"):
         BiasCorrectionOptions(mode="mean")
+
+
+class _TokenNet(nn.Module):
+    """A Linear applied to token states (N, T, C), called with a Hugging Face style batch."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _token_setup(weight: torch.Tensor, batches: list[dict[str, torch.Tensor]], step_q: float,
+                 **opts: object):  # type: ignore[no-untyped-def]
+    """Quantize _TokenNet with a fixed weight grid of step ``step_q`` (zero-point 0, 4 bits)."""
+    net = _TokenNet(weight).eval()
+    calib = CalibrationData(batches)
+    q = ptqkit.quantize(net, calib, Recipe(w_bits=4, a_bits=8, first_last_8bit=False,
+                                           w_range="minmax", a_range="minmax"))
+    layer = quant_layers(q)["proj"]
+    layer.w_quant.set_qparams(torch.full((weight.shape[0],), step_q), torch.zeros(weight.shape[0]))
+    ctx = Context(q, calib, Report())
+    opts = {"guard": False, **opts}  # these tests check the statistics, not the loss guard
+    return net, q, layer, ctx, BiasCorrection(BiasCorrectionOptions("empirical", **opts))
+
+
+@torch.no_grad()
+def test_linear_on_token_states_uses_the_feature_axis_and_only_real_tokens() -> None:
+    """(N, T, C) input: the bias shift is per output feature (last axis) and averages over real
+    tokens only - padded positions hold garbage states that must not move the bias."""
+    w = torch.tensor([[0.3, 0.3], [0.55, 0.7]])  # grid 0.25: errors -0.05, -0.05 | -0.05, +0.05
+    x = torch.ones(2, 4, 2)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    x[mask == 0] = torch.tensor([1000.0, -500.0])  # padding: huge, would dominate any mean
+    net, q, layer, ctx, step = _token_setup(w, [{"x": x, "attention_mask": mask}], 0.25)
+    step.run(ctx)
+    # real tokens see x = (1, 1): error -0.1 on feature 0 and 0.0 on feature 1 (w~ = .25, .25 |
+    # .5, .75); the bias absorbs exactly that
+    assert_close(layer.bias, torch.tensor([0.1, 0.0]), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_robust_correction_ignores_an_error_carried_by_one_token() -> None:
+    """Feature 0 has a massive activation on token 0 only (input dim 1 = 100 there) through a
+    large weight that the grid clips: the mean error is driven by that one token. A shift of the
+    mean would move the 7 other tokens; the robust check keeps feature 0's bias, while feature
+    1's error is the same on every token and is still corrected."""
+    w = torch.tensor([[0.3, 2.0], [0.3, 0.0]])  # grid 0.1, codes 0..15: 2.0 clips to 1.5
+    x = torch.zeros(4, 8, 2)
+    x[..., 0] = 1.0
+    x[:, 0, 1] = 100.0  # the massive activation, on the first token of every sequence
+    batches = [{"x": x, "attention_mask": torch.ones(4, 8)}]
+    _, _, layer, ctx, step = _token_setup(w, batches, 0.1, robust=True)
+    step.run(ctx)
+    assert float(layer.bias[0]) == 0.0  # w~ = (.3, 1.5): error -50 on token 0, -0 elsewhere
+    assert float(layer.bias[1]) == pytest.approx(0.0, abs=1e-6)  # w~ = (.3, 0): no error at all
+    _, _, layer, ctx, step = _token_setup(w, batches, 0.1, robust=False)
+    step.run(ctx)
+    assert float(layer.bias[0]) == pytest.approx(50.0 / 8, rel=1e-4)  # the plain mean shift
+
+
+@torch.no_grad()
+def test_xi_check_keeps_xi_only_where_it_lowers_the_output_error() -> None:
+    """Both channels lose an outlier weight 2.0 to clipping (grid 0.1, codes 0..15: 1.5), so
+    Banner's xi > 1 on both. Channel 0's outlier meets an input that is active (100 on the first
+    token): xi recovers part of it and stays. Channel 1's outlier meets an input that is always 0:
+    clipping cost nothing, xi would only inflate the other weights - it is reset to 1."""
+    w = torch.tensor([[0.3, 0.3, 2.0, 0.3], [0.3, 0.3, 0.3, 2.0]])
+    x = torch.zeros(4, 8, 4)
+    x[..., :2] = 1.0
+    x[:, 0, 2] = 100.0
+    _, _, layer, ctx, _ = _token_setup(w, [{"x": x, "attention_mask": torch.ones(4, 8)}], 0.1)
+    plan = _plan(layer, BiasCorrectionOptions("both"))
+    banner_xi, _ = banner_correction(layer.weight, layer.w_quant(layer.weight))
+    assert (banner_xi > 1.3).all()
+    kept = checked_xi(ctx, {"proj": plan})["proj"]
+    assert float(kept[0]) == pytest.approx(float(banner_xi[0])) and float(kept[1]) == 1.0
+
+
+def _tiny_ctx(tiny: nn.Module, data: torch.Tensor) -> Context:
+    q = ptqkit.quantize(tiny, data, Recipe(w_bits=3, a_bits=3, first_last_8bit=False,
+                                           w_range="minmax", a_range="aciq"))
+    return Context(q, CalibrationData(data), Report())
+
+
+@torch.no_grad()
+def test_guard_never_raises_the_calibration_loss(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    for mode in ("both", "banner", "empirical"):
+        ctx = _tiny_ctx(tiny, tiny_data)
+        before = calibration_kl(ctx)
+        summary = BiasCorrection(BiasCorrectionOptions(mode)).run(ctx)
+        assert summary["kl_before"] == pytest.approx(before)
+        assert calibration_kl(ctx) <= before + 1e-7
+        assert summary["kept"] == (summary["kl_after"] <= summary["kl_before"])
+
+
+@torch.no_grad()
+def test_undo_restores_weights_scales_and_biases_bit_exactly(tiny: nn.Module,
+                                                             tiny_data: torch.Tensor) -> None:
+    ctx = _tiny_ctx(tiny, tiny_data)
+    layers = ctx.layers()
+    layers["fc"].bias = None  # a layer without bias: the step creates one, undo removes it
+    state = {k: v.clone() for k, v in ctx.qmodel.state_dict().items()}
+    out = ctx.qmodel(tiny_data)
+    undo = _undo_handle(layers)
+    BiasCorrection(BiasCorrectionOptions("both", guard=False)).run(ctx)
+    assert layers["fc"].bias is not None
+    undo()
+    assert layers["fc"].bias is None
+    after = ctx.qmodel.state_dict()
+    assert set(after) == set(state) and all(torch.equal(after[k], v) for k, v in state.items())
+    assert torch.equal(ctx.qmodel(tiny_data), out)
+
+
+@torch.no_grad()
+def test_sequential_mode_zeroes_the_mean_output_error_of_the_quantized_model(
+        tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    """Each layer is corrected on its quantized inputs after the layers before it: the final
+    logits of the quantized model then have the float model's mean, channel by channel."""
+    ctx = _tiny_ctx(tiny, tiny_data)
+    ref = torch.cat(ctx.float_outputs())
+    before = (ctx.qmodel(tiny_data) - ref).mean(0).abs().max()
+    summary = BiasCorrection(BiasCorrectionOptions("sequential", guard=False)).run(ctx)
+    assert summary["mode"] == "sequential" and summary["layers"] == 3
+    after = (ctx.qmodel(tiny_data) - ref).mean(0).abs().max()
+    assert before > 1e-2 and after < 1e-5

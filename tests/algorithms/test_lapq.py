@@ -48,8 +48,8 @@ def _lapq(tiny: nn.Module, calib, **opts):  # type: ignore[no-untyped-def]
 
 def test_powell_never_worse_than_the_lp_init_and_respects_the_budget(tiny: nn.Module,
                                                                      tiny_data) -> None:
-    q, s = _lapq(tiny, tiny_data, max_evals=40, powell_samples=None)
-    assert s["step"] == "lapq" and s["loss"] == "kl"
+    q, s = _lapq(tiny, tiny_data, max_evals=40, powell_samples=None, init="lp")
+    assert s["step"] == "lapq" and s["loss"] == "kl" and s["init"] == "lp"
     assert s["init_loss"] == min(s["p_losses"].values())  # best of the grid and the vertex
     assert s["final_loss"] <= s["init_loss"]
     assert 0 < s["evals"] <= 40 and s["optimised"] == 6  # 3 layers x (weights, inputs)
@@ -57,6 +57,22 @@ def test_powell_never_worse_than_the_lp_init_and_respects_the_budget(tiny: nn.Mo
         assert float(kl_to_float(tiny(tiny_data), q(tiny_data))) == pytest.approx(
             s["final_loss"], rel=1e-4)
     assert q.report.layers["fc"]["a_range"].startswith("lapq(p=")
+
+
+def test_best_init_starts_from_the_lowest_loss_candidate(tiny: nn.Module, tiny_data) -> None:
+    q, s = _lapq(tiny, tiny_data, max_evals=0, powell_samples=None)
+    losses = s["init_losses"]
+    assert set(losses) == {"lp", "mse", "aciq"}
+    assert losses["lp"] == min(s["p_losses"].values())  # the paper's Lp init is a candidate
+    assert s["init"] == min(losses, key=losses.get) and s["init_loss"] == min(losses.values())
+    assert s["final_loss"] == s["init_loss"]
+    with torch.no_grad():  # the chosen candidate's ranges are the ones left in the model
+        assert float(kl_to_float(tiny(tiny_data), q(tiny_data))) == pytest.approx(
+            s["init_loss"], rel=1e-4)
+    _, s2 = _lapq(tiny, tiny_data, max_evals=30, powell_samples=None)
+    assert s2["final_loss"] <= s2["init_loss"] <= s["init_losses"]["lp"]
+    with pytest.raises(ValueError, match="unknown LAPQ init 'minmax'"):
+        LAPQOptions(init="minmax")
 
 
 def test_tiny_budget_still_never_worse(tiny: nn.Module, tiny_data) -> None:
@@ -107,3 +123,19 @@ def test_prefix_cache_gives_the_same_result_as_full_evaluations(tiny: nn.Module,
     with torch.no_grad():
         assert torch.equal(q1(tiny_data), q2(tiny_data))
     assert not any("forward" in vars(m) for m in q1.modules())  # wrappers removed
+
+
+def test_result_is_never_worse_on_the_samples_powell_did_not_see(tiny: nn.Module,
+                                                                 tiny_data) -> None:
+    from ptqkit.algorithms.lapq import _held_out
+    from ptqkit.calib.data import CalibrationData
+
+    calib = [tiny_data[i:i + 16] for i in range(0, 64, 16)]
+    held = _held_out(CalibrationData(calib), 32)
+    assert held is not None and held.num_samples == 32
+    assert torch.equal(held.batches[0], calib[2])
+    assert _held_out(CalibrationData(calib), 64) is None
+    _, s = _lapq(tiny, calib, max_evals=20, powell_samples=32)
+    assert s["init_held_loss"] is not None and s["final_loss"] <= s["init_loss"]
+    if s["multipliers"]:  # Powell's result kept: not worse on the unseen half either
+        assert s["final_held_loss"] <= s["init_held_loss"]

@@ -1,0 +1,18 @@
+"""The issue-3 bench methods build the recipes their names promise."""
+
+from __future__ import annotations
+
+from ptqkit.bench import METHODS, BenchConfig
+
+
+def test_aciq_methods_follow_banner_and_aciq_wa_clips_weights_too() -> None:
+    cfg = BenchConfig(w_bits=3, a_bits=3)
+    for name, steps in (("aciq", []), ("aciq+bc", ["bias_correction"]),
+                        ("aciq+alloc", ["bit_allocation"])):
+        r = METHODS[name](cfg)
+        # ACIQ clips activations; weights stay per-channel min-max (Banner et al.)
+        assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("minmax", "aciq", steps)
+        assert (r.w_bits, r.a_bits, r.first_last_8bit) == (3, 3, True)
+    r = METHODS["aciq-wa+bc"](cfg)
+    assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("aciq", "aciq", ["bias_correction"])
+    assert [s.name for s in METHODS["lapq"](cfg).steps] == ["lapq"]
