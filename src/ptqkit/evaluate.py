@@ -14,7 +14,7 @@ from .calib.loss import kl_to_float, sqnr_db
 from .nn.control import quantizers_disabled
 from .nn.modules import quant_layers
 
-__all__ = ["predict", "evaluate", "layer_sqnr", "top1", "compression_ratio"]
+__all__ = ["predict", "evaluate", "layer_sqnr", "float_layer_outputs", "top1", "compression_ratio"]
 
 
 @torch.no_grad()
@@ -52,19 +52,33 @@ def evaluate(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
 
 
 @torch.no_grad()
-def layer_sqnr(qmodel: nn.Module, calib: CalibrationData, batches: int = 1) -> dict[str, float]:
-    """SQNR (dB) of every quantized layer's output in the quantized model vs the float model,
-    both fed the same model inputs (errors of earlier layers accumulate, as in deployment)."""
+def float_layer_outputs(qmodel: nn.Module, calib: CalibrationData,
+                        batches: int = 1) -> dict[str, torch.Tensor]:
+    """Every quantized layer's output with all quantizers off, on the first ``batches`` batches.
+
+    Record this before steps that change the float weights (AdaQuant, BN tuning, bias tuning,
+    bias correction) to keep the original float model as the SQNR reference."""
     layers = quant_layers(qmodel)
-    some = list(calib)[:batches]
-    with record_io(layers, inputs=False, outputs=True) as q_out:
-        for b in some:
-            calib.forward(qmodel, b)
     with quantizers_disabled(qmodel), record_io(layers, inputs=False, outputs=True) as f_out:
-        for b in some:
+        for b in list(calib)[:batches]:
             calib.forward(qmodel, b)
-    return {n: sqnr_db(torch.cat(f_out[n + ":out"]), torch.cat(q_out[n + ":out"]))
-            for n in layers if n + ":out" in q_out}
+    return {n: torch.cat(f_out[n + ":out"]) for n in layers if n + ":out" in f_out}
+
+
+def layer_sqnr(qmodel: nn.Module, calib: CalibrationData, batches: int = 1,
+               reference: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """SQNR (dB) of every quantized layer's output in the quantized model vs the float model,
+    both fed the same model inputs (errors of earlier layers accumulate, as in deployment).
+
+    ``reference``: the float outputs from :func:`float_layer_outputs` taken on the same batches
+    before the weights were adapted; default: the current weights with quantizers off."""
+    layers = quant_layers(qmodel)
+    with record_io(layers, inputs=False, outputs=True) as q_out:
+        for b in list(calib)[:batches]:
+            calib.forward(qmodel, b)
+    ref = reference if reference is not None else float_layer_outputs(qmodel, calib, batches)
+    return {n: sqnr_db(ref[n], torch.cat(q_out[n + ":out"]))
+            for n in layers if n + ":out" in q_out and n in ref}
 
 
 def compression_ratio(qmodel: nn.Module) -> float:

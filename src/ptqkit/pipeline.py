@@ -16,7 +16,7 @@ from torch import nn
 from .algorithms import STEPS
 from .algorithms.base import Context, Report, options_from_dict
 from .calib.data import CalibrationData
-from .evaluate import layer_sqnr
+from .evaluate import float_layer_outputs, layer_sqnr
 from .nn.modules import quant_layers
 from .nn.prepare import LayerPolicy, prepare
 
@@ -173,6 +173,7 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
         report.layer(name).update(type=type(layer).__name__, w_bits=layer.w_bits,
                                   a_bits=layer.a_bits, bn_folded=layer.folded_bn is not None)
     ctx = Context(qmodel, data, report, recipe.seed)
+    reference = float_layer_outputs(qmodel, data)  # before any step adapts the float weights
     steps = [STEPS["ranges"](recipe.range_options())]
     steps += [STEPS[s.name](options_from_dict(STEPS[s.name], dict(s.options))) for s in recipe.steps]
     for step in steps:
@@ -182,7 +183,7 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
         log.info("step %s done in %.1fs", step.name, time.perf_counter() - t)
     for name, layer in quant_layers(qmodel).items():
         report.layer(name).update(w_bits=layer.w_bits, a_bits=layer.a_bits)
-    for name, value in layer_sqnr(qmodel, data).items():
+    for name, value in layer_sqnr(qmodel, data, reference=reference).items():
         report.layer(name)["sqnr_db"] = value
     report.steps.append({"step": "total", "seconds": time.perf_counter() - t0})
     qmodel.report = report  # type: ignore[assignment]
