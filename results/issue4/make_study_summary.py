@@ -28,13 +28,13 @@ def main() -> None:
                                        "top1_std")))
         by = {(r["method"], r["calib_size"]): r["top1_per_seed"] for r in summary}
         for (method, size), per_seed in sorted(by.items()):
-            if method != "adaquant" or ("minmax", size) not in by:
+            if "adaquant" not in method or ("minmax", size) not in by:
                 continue
             mm = by[("minmax", size)]
             diffs = [per_seed[s] - mm[s] for s in per_seed if s in mm]
             wins = sum(d > 0 for d in diffs)
-            print(f"size {size}: adaquant - minmax per seed [{', '.join(f'{d:+.2f}' for d in diffs)}], "
-                  f"adaquant better on {wins}/{len(diffs)} seeds")
+            print(f"size {size}: {method} - minmax per seed [{', '.join(f'{d:+.2f}' for d in diffs)}], "
+                  f"{method} better on {wins}/{len(diffs)} seeds")
 
 
 if __name__ == "__main__":
