@@ -26,7 +26,7 @@ from .evaluate import compression_ratio, evaluate, predict, top1
 from .pipeline import Recipe, quantize
 
 __all__ = ["BenchConfig", "Suite", "SUITES", "METHODS", "RUNNERS", "run_bench", "markdown_table",
-           "write_json", "calib_size_study", "study_summary", "plot_study"]
+           "write_json", "calib_size_study", "study_summary", "plot_study", "merge_study"]
 
 log = logging.getLogger(__name__)
 
@@ -264,8 +264,28 @@ def study_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append({"suite": rs[0]["suite"], "method": method, "calib_size": size, "seeds": len(rs),
                     "fp32_top1": rs[0]["fp32_top1"], "top1_mean": float(top.mean()),
                     "top1_std": float(top.std()) if len(rs) > 1 else 0.0,
+                    "top1_per_seed": {int(r["seed"]): float(r["quant_top1"]) for r in rs},
                     "w_bits": rs[0]["w_bits"], "a_bits": rs[0]["a_bits"]})
     return out
+
+
+def merge_study(paths: list[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Rows of several study JSON files (e.g. one queue job per calibration size), their
+    summaries dropped, duplicates (same suite, method, size, seed) rejected: summarise the
+    result with ``study_summary``."""
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            if "summary" in r:
+                continue
+            key = (r["suite"], r["method"], r["calib_size"], r["seed"], r["w_bits"], r["a_bits"])
+            if key in seen:
+                raise ValueError(f"{path}: row {key} already came from another file; merge each "
+                                 "(suite, method, size, seed) once")
+            seen.add(key)
+            rows.append(r)
+    return rows
 
 
 def plot_study(summary: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:

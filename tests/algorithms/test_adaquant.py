@@ -143,3 +143,34 @@ def test_activation_cache_spills_and_cleans_up(tmp_path) -> None:  # type: ignor
         assert torch.equal(cache[1][0], a + 1) and torch.equal(cache[1][1], b * 2)
         assert cache.num_samples == 6 and len(cache) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sequential_float_layer_target_is_float_layer_on_quantized_input() -> None:
+    model, calib = _two_linear_model()
+    q = quantize(model, calib, Recipe(w_bits=3, a_bits=3, first_last_8bit=False))
+    ref = copy.deepcopy(q)
+    with quantizers_disabled(ref), torch.no_grad():
+        loc = collect_layer_io("2", q, ref, calib, True, ActivationCache(), target="float_layer")
+        par = collect_layer_io("2", q, ref, calib, False, ActivationCache(), target="float_layer")
+        for i, batch in enumerate(calib):
+            x_q = torch.relu(q[0](batch))
+            x_f = torch.relu(model[0](batch))
+            assert torch.allclose(loc[i][0], x_q, atol=1e-6)
+            assert torch.allclose(loc[i][1], model[2](x_q), atol=1e-6)  # W x_q + b
+            # parallel mode: the target choice is moot, float input and float output
+            assert torch.allclose(par[i][0], x_f, atol=1e-6)
+            assert torch.allclose(par[i][1], model[2](x_f), atol=1e-6)
+    with pytest.raises(ValueError, match="target must be one of"):
+        collect_layer_io("2", q, ref, calib, True, ActivationCache(), target="quantized")
+    with pytest.raises(ValueError, match="target"):
+        AdaQuantOptions(target="local")
+
+
+def test_step_summary_records_the_target(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    recipe = Recipe(w_bits=4, a_bits=4).with_steps(
+        StepSpec("adaquant", {"target": "float_layer", "iters": 5, "eval_every": 5}))
+    q = quantize(tiny, tiny_data, recipe)
+    assert q.report.steps[1]["target"] == "float_layer"
+    for name in ("conv1", "dw", "fc"):
+        s = q.report.layers[name]["adaquant"]
+        assert s["mse_after"] <= s["mse_before"]

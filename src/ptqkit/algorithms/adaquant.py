@@ -8,7 +8,14 @@ over a continuous weight offset V, a bias offset V_b, the weight quantizer's per
 sizes and zero-points and the input quantizer's step size and zero-point, with Adam and one
 learning rate per parameter group. ``X`` is the float layer input; ``X'`` is ``X`` in the
 *parallel* mode and the output of the already-quantized prefix in the *sequential* mode
-(eq. 3-4), for every calibration batch.
+(eq. 3-4), for every calibration batch (CalibTIP swaps in the quantized input for the first
+cached batch only).
+
+Target in sequential mode (``target``): "float_model" (default) is the float model's own
+activation ``W X + b`` as in eq. (3-4) and CalibTIP's cached float outputs, so layer l also
+absorbs the error the quantized prefix has accumulated; "float_layer" is the float layer on the
+quantized input, ``W X' + b``, which only asks layer l to undo its own quantization error. In
+parallel mode ``X' = X`` and both are the same.
 
 Parametrisation (decides what the learning rates mean; Adam moves each parameter by about
 ``lr`` per step whatever the gradient scale, so every group is expressed in natural units):
@@ -53,6 +60,7 @@ __all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capt
 log = logging.getLogger(__name__)
 
 Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
+TARGETS = ("float_model", "float_layer")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,8 @@ class AdaQuantOptions:
     """Options of the "adaquant" step (learning rates in the units of the module docstring).
 
     mode: "sequential" (inputs from the quantized prefix) or "parallel" (float inputs).
+    target: "float_model" (the float model's activation, eq. 3-4) or "float_layer" (the float
+    layer applied to the quantized-prefix input); only matters in sequential mode.
     iters / batch_size: Adam steps per layer and samples per step (paper: batch 50).
     lr_weight: weight offset, LSB per step; lr_bias: real units; lr_w_qparams / lr_a_qparams:
     relative step-size change and zero-point LSB per step for the weight / input quantizer.
@@ -74,6 +84,7 @@ class AdaQuantOptions:
     """
 
     mode: str = "sequential"
+    target: str = "float_model"
     iters: int = 100
     batch_size: int = 50
     lr_weight: float = 1e-2
@@ -87,6 +98,8 @@ class AdaQuantOptions:
     def __post_init__(self) -> None:
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
         for key in ("iters", "batch_size", "eval_every"):
             if int(getattr(self, key)) < (0 if key == "iters" else 1):
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
@@ -280,21 +293,28 @@ def capture_layer_input(model: nn.Module, layer: nn.Module, calib: CalibrationDa
 
 @torch.no_grad()
 def collect_layer_io(name: str, qmodel: nn.Module, reference: nn.Module, calib: CalibrationData,
-                     sequential: bool, cache: ActivationCache) -> ActivationCache:
+                     sequential: bool, cache: ActivationCache,
+                     target: str = "float_model") -> ActivationCache:
     """Fill ``cache`` with (layer input, float target) per calibration batch for layer ``name``.
 
-    reference: a float copy of the model taken before any layer was changed (quantizers off);
-    the target is the float layer applied to the float input. The input is the float input
-    (parallel) or the input produced by ``qmodel``'s quantized prefix (sequential).
+    reference: a float copy of the model taken before any layer was changed (quantizers off).
+    The input is the float input (parallel) or the input produced by ``qmodel``'s quantized
+    prefix, recomputed for every batch (sequential). The target is the float layer applied to
+    the float input (``target="float_model"``: the float model's activation, eq. 3-4) or, in
+    sequential mode with ``target="float_layer"``, to the quantized-prefix input.
     """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     ref_layer, q_layer = reference.get_submodule(name), qmodel.get_submodule(name)
     if not isinstance(ref_layer, QuantModule):
         raise ValueError(f"{name!r} is a {type(ref_layer).__name__}, expected a quantized layer")
     for batch in calib:
-        x_float = capture_layer_input(reference, ref_layer, calib, batch)
-        y = ref_layer.op(x_float, ref_layer.weight, ref_layer.bias)
-        x_in = capture_layer_input(qmodel, q_layer, calib, batch) if sequential else x_float
-        cache.append(x_in, y)
+        x_q = capture_layer_input(qmodel, q_layer, calib, batch) if sequential else None
+        if x_q is not None and target == "float_layer":
+            x_ref = x_q
+        else:
+            x_ref = capture_layer_input(reference, ref_layer, calib, batch)
+        cache.append(x_ref if x_q is None else x_q, ref_layer.op(x_ref, ref_layer.weight, ref_layer.bias))
     return cache
 
 
@@ -341,7 +361,8 @@ class AdaQuant(Step):
         opts: AdaQuantOptions = self.options
         budget = int(opts.memory_budget_mb * (1 << 20))
         with ActivationCache(budget, opts.spill_dir) as cache:
-            collect_layer_io(name, ctx.qmodel, ref, ctx.calib, opts.mode == "sequential", cache)
+            collect_layer_io(name, ctx.qmodel, ref, ctx.calib, opts.mode == "sequential", cache,
+                             opts.target)
             peak["memory_bytes"] = max(peak["memory_bytes"], cache.memory_bytes)
             peak["disk_bytes"] = max(peak["disk_bytes"], cache.disk_bytes)
             stats = adaquant_layer(ctx.layers()[name], cache, None, opts, gen)
@@ -351,7 +372,8 @@ class AdaQuant(Step):
 
     def _summary(self, ctx: Context, done: list[str], peak: dict[str, int]) -> dict[str, Any]:
         per_layer = [ctx.report.layer(n)["adaquant"] for n in done]
-        return {"mode": self.options.mode, "iters": self.options.iters, "layers": len(done),
+        return {"mode": self.options.mode, "target": self.options.target,
+                "iters": self.options.iters, "layers": len(done),
                 "mse_before_sum": sum(s["mse_before"] for s in per_layer),
                 "mse_after_sum": sum(s["mse_after"] for s in per_layer),
                 "cache_peak_memory_mb": peak["memory_bytes"] / (1 << 20),

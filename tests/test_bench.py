@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ptqkit import bench
+from ptqkit.bench import BenchConfig, Suite, calib_size_study, merge_study, study_summary
+from ptqkit.calib.data import CalibrationData
+
+
+def _tiny_suite(model: nn.Module, calls: list[tuple[int, int]]) -> Suite:
+    g = torch.Generator().manual_seed(5)
+    pool = torch.randn(40, 1, 8, 8, generator=g)
+    x_test = torch.randn(30, 1, 8, 8, generator=g)
+    with torch.no_grad():
+        y_test = model(x_test).argmax(1)
+
+    def make_calib(n: int, seed: int) -> CalibrationData:
+        calls.append((n, seed))
+        idx = torch.randperm(40, generator=torch.Generator().manual_seed(seed))[:n]
+        return CalibrationData(pool[idx], batch_size=10)
+
+    return Suite("tiny", model, x_test, y_test, make_calib)
+
+
+def test_study_draws_new_calibration_images_per_seed(tiny: nn.Module, one_thread: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    suite = _tiny_suite(tiny, calls)
+    monkeypatch.setitem(bench.SUITES, "tiny", lambda cfg: suite)
+    rows = calib_size_study("tiny", ["minmax"], [1, 4], 3, BenchConfig(w_bits=4, a_bits=4))
+    assert sorted(calls) == [(n, s) for n in (1, 4) for s in range(3)]
+    assert [(r["calib_size"], r["seed"]) for r in rows] == [(n, s) for n in (1, 4) for s in range(3)]
+    one_image = [suite.calib(1, s).batches[0] for s in range(3)]
+    assert not torch.equal(one_image[0], one_image[1]) and not torch.equal(one_image[1], one_image[2])
+    assert all(r["recipe"]["seed"] == r["seed"] for r in rows)
+
+
+def _row(method: str, size: int, seed: int, top: float) -> dict[str, Any]:
+    return {"suite": "s", "method": method, "calib_size": size, "seed": seed, "quant_top1": top,
+            "fp32_top1": 90.0, "w_bits": 4, "a_bits": 4}
+
+
+def test_summary_mean_std_by_hand() -> None:
+    rows = [_row("a", 1, s, t) for s, t in enumerate((80.0, 82.0, 84.0))] + [_row("b", 1, 0, 70.0)]
+    summary = study_summary(rows)
+    a = next(r for r in summary if r["method"] == "a")
+    assert a["top1_mean"] == pytest.approx(82.0) and a["top1_std"] == pytest.approx(2.0)
+    assert a["seeds"] == 3 and a["top1_per_seed"] == {0: 80.0, 1: 82.0, 2: 84.0}
+    b = next(r for r in summary if r["method"] == "b")
+    assert b["top1_std"] == 0.0
+
+
+def test_merge_study_joins_job_files_and_rejects_duplicates(tmp_path: Path) -> None:
+    one = [_row("a", 1, 0, 80.0), _row("a", 1, 1, 82.0), {"summary": []}]
+    two = [_row("a", 10, 0, 85.0)]
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    rows = merge_study([tmp_path / "one.json", tmp_path / "two.json"])
+    assert [(r["calib_size"], r["seed"]) for r in rows] == [(1, 0), (1, 1), (10, 0)]
+    assert [r["top1_mean"] for r in study_summary(rows)] == pytest.approx([81.0, 85.0])
+    with pytest.raises(ValueError, match="already came from another file"):
+        merge_study([tmp_path / "one.json", tmp_path / "one.json"])
