@@ -146,6 +146,15 @@ def _prepared(tiny: nn.Module, data: torch.Tensor) -> nn.Module:
     return ptqkit.quantize(tiny, data, Recipe(first_last_8bit=False))
 
 
+def _session(tiny: nn.Module, data: torch.Tensor) -> tuple[nn.Module, Session]:
+    """A prepared copy of ``tiny`` and a range-tuning Session on ``data`` with float references."""
+    q = _prepared(tiny, data)
+    calib = CalibrationData(data)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    return q, Session(q, calib, ref, "auto", range_tuner())
+
+
 def test_suffix_pass_equals_full_pass(tiny: nn.Module, tiny_data, monkeypatch) -> None:
     q = _prepared(tiny, tiny_data)
     calib = CalibrationData(tiny_data, batch_size=16)
@@ -210,11 +219,7 @@ def test_closed_loop_tightens(tiny: nn.Module, tiny_data) -> None:
 def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
     import copy
 
-    q = _prepared(tiny, tiny_data)
-    calib = CalibrationData(tiny_data)
-    with torch.no_grad():
-        ref = [tiny(b) for b in calib]
-    s = Session(q, calib, ref, "auto", range_tuner())
+    q, s = _session(tiny, tiny_data)
     s.measure([(8, 8), (2, 2)], {n: [(8, 8), (2, 2)] for n in quant_layers(q)})
     out0 = q(tiny_data)
     low = s.apply(s.solve(Budget("compression", 0.0625)), copy.deepcopy(q))
@@ -224,11 +229,7 @@ def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
 
 
 def test_solve_measured_picks_lowest_measured_loss(tiny: nn.Module, tiny_data, monkeypatch) -> None:
-    q = _prepared(tiny, tiny_data)
-    calib = CalibrationData(tiny_data)
-    with torch.no_grad():
-        ref = [tiny(b) for b in calib]
-    s = Session(q, calib, ref, "auto", range_tuner())
+    q, s = _session(tiny, tiny_data)
     s.measure([(8, 8), (4, 4), (2, 2)], {n: [(8, 8), (4, 4), (2, 2)] for n in quant_layers(q)})
     sol, alts = s.solve_measured(Budget("compression", 0.15), "ip", 4)
     assert len(alts) == 4 and alts[0]["predicted_loss"] <= min(a["predicted_loss"] for a in alts)
@@ -239,11 +240,7 @@ def test_solve_measured_picks_lowest_measured_loss(tiny: nn.Module, tiny_data, m
 
 
 def test_session_states_roundtrip(tiny: nn.Module, tiny_data, tmp_path) -> None:
-    q = _prepared(tiny, tiny_data)
-    calib = CalibrationData(tiny_data)
-    with torch.no_grad():
-        ref = [tiny(b) for b in calib]
-    s = Session(q, calib, ref, "auto", range_tuner())
+    q, s = _session(tiny, tiny_data)
     s.measure([(8, 8), (2, 2)], {n: [(8, 8), (2, 2)] for n in quant_layers(q)})
     s.save_states(tmp_path / "s.pt")
     states = Session.load_states(tmp_path / "s.pt")
