@@ -26,11 +26,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..calib.loss import kl_to_float
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
-from .base import Context, Step, register_step
+from .base import Context, Step, calibration_kl, register_step
 
 __all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean", "robust_shift_mask",
            "checked_xi", "centred_mse", "token_mask_of", "calibration_kl", "sequential_correction",
@@ -343,18 +342,6 @@ def sequential_correction(ctx: Context, names: list[str]) -> dict[str, dict[str,
                        "bias_shift_max": float(err.abs().max()),
                        "shifted_channels": int((err != 0).sum())}
     return infos
-
-
-@torch.no_grad()
-def calibration_kl(ctx: Context) -> float:
-    """Sample-weighted mean KL(float || quantized) of the model outputs on the calibration set."""
-    total, count = 0.0, 0
-    for batch, ref in zip(ctx.calib.batches, ctx.float_outputs()):
-        out = ctx.calib.forward(ctx.qmodel, batch)
-        n = ref.reshape(-1, ref.shape[-1]).shape[0]
-        total += float(kl_to_float(ref, out)) * n
-        count += n
-    return total / max(count, 1)
 
 
 def _undo_handle(layers: dict[str, QuantModule]) -> Callable[[], None]:
