@@ -18,7 +18,7 @@ anything is modified.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..calib.data import token_mask_of
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
@@ -83,13 +84,6 @@ def robust_shift_mask(abs_before: torch.Tensor, abs_after: torch.Tensor) -> torc
     error rises - and so does the damage downstream (LayerNorm sees the shift on every token).
     """
     return abs_after < abs_before
-
-
-def token_mask_of(batch: Any) -> torch.Tensor | None:
-    """The (N, T) attention mask of a Hugging Face style batch (a mapping with 'attention_mask'),
-    else None (images, plain tensors: every position is real)."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 @dataclass(frozen=True)
