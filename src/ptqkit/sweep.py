@@ -206,7 +206,9 @@ def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: 
         ctx = Context(model, session.calib, Report(), cfg.seed,
                       {"float_outputs": session.float_out,
                        "float_weights": float_weights(session.model)})  # the unstitched base
+        t0 = time.perf_counter()
         summary = STEPS[name](options_from_dict(STEPS[name], {})).run(ctx)
+        summary["seconds"] = time.perf_counter() - t0
         after = session.measured_loss(model)
         kept = before is None or after <= loss
         out.append({"step": name,  # the sweep's own verdict overrides a step's "kept"

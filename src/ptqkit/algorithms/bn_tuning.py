@@ -30,7 +30,6 @@ float target wins on resnet20, the paper's on mobilenetv2 with MSE ranges), so t
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -264,7 +263,6 @@ class BNTuning(Step):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         o: BNTuningOptions = self.options
-        t0 = time.perf_counter()
         guard = o.guard or o.target == "best"
         before = calibration_kl(ctx) if guard else None
         tried: dict[str, float] = {}
@@ -285,5 +283,4 @@ class BNTuning(Step):
         for name in tuned:
             ctx.report.layer(name)["bn_tuned"] = kept
         return {"layers": len(tuned), "target": choice, "kl_before": before,
-                "kl_after": after, "kl_by_target": tried, "kept": kept,
-                "seconds": time.perf_counter() - t0}
+                "kl_after": after, "kl_by_target": tried, "kept": kept}
