@@ -9,7 +9,8 @@ layer on *float* inputs (parallel AdaQuant's own objective, measured on images i
 Variants: minmax (the start), parallel AdaQuant with every group learned (default), with one group
 frozen (lr 0: weights, bias, weight-quantizer, input-quantizer), and "keep-depthwise": the default
 run with the depthwise layers put back to their min-max state (parallel layers are independent, so
-this equals not running AdaQuant on them). Extra variants can be given as JSON option dicts.
+this equals not running AdaQuant on them). Then the fix: held-out iterate selection (holdout
+"auto", fractions 0.25 / 0.5), and sequential AdaQuant without / with it.
 
 usage: PYTHONPATH=src python results/issue4/diag_1img.py SUITE OUT.json SEEDS [VARIANTS]
   SEEDS: comma list (e.g. 0,2); VARIANTS: comma list of names in VARIANTS (default: all)
@@ -37,13 +38,19 @@ from ptqkit.zoo.fmnist import calibration_indices, load_split
 HELD_SEED = 12345
 VARIANTS: dict[str, dict[str, Any] | None] = {
     "minmax": None,
-    "adaquant": {"mode": "parallel"},
-    "freeze-weight": {"mode": "parallel", "lr_weight": 0.0},
-    "freeze-bias": {"mode": "parallel", "lr_bias": 0.0},
-    "freeze-wq": {"mode": "parallel", "lr_w_qparams": 0.0},
-    "freeze-aq": {"mode": "parallel", "lr_a_qparams": 0.0},
-    "only-aq": {"mode": "parallel", "lr_weight": 0.0, "lr_bias": 0.0, "lr_w_qparams": 0.0},
-    "keep-depthwise": {"mode": "parallel"},  # post-processed below
+    "adaquant": {"mode": "parallel", "holdout": "never"},  # session 9's AdaQuant
+    "freeze-weight": {"mode": "parallel", "holdout": "never", "lr_weight": 0.0},
+    "freeze-bias": {"mode": "parallel", "holdout": "never", "lr_bias": 0.0},
+    "freeze-wq": {"mode": "parallel", "holdout": "never", "lr_w_qparams": 0.0},
+    "freeze-aq": {"mode": "parallel", "holdout": "never", "lr_a_qparams": 0.0},
+    "only-aq": {"mode": "parallel", "holdout": "never", "lr_weight": 0.0, "lr_bias": 0.0,
+                "lr_w_qparams": 0.0},
+    "keep-depthwise": {"mode": "parallel", "holdout": "never"},  # post-processed below
+    # the fix (session 10): held-out selection, default rule and a larger held-out share
+    "auto": {"mode": "parallel", "holdout": "auto"},
+    "auto-f50": {"mode": "parallel", "holdout": "auto", "holdout_fraction": 0.5},
+    "seq-never": {"mode": "sequential", "holdout": "never"},
+    "seq-auto": {"mode": "sequential", "holdout": "auto"},
 }
 
 
