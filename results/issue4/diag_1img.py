@@ -117,7 +117,7 @@ def main(suite: str, out: str, seeds: list[int], names: list[str]) -> None:
                     q = put_back(q, start, dw)
             res = evaluate(q, model, x[held], y[held])
             mse = layer_heldout_mse(q, start, x[held])
-            fit = {n: d.get("adaquant", {}) for n, d in getattr(q, "report").layers.items()} \
+            fit = {n: d.get("adaquant", {}) for n, d in q.report.layers.items()} \
                 if opts is not None else {}
             ratio = {n: mse[n] / max(base_mse[n], 1e-30) for n in mse}
             rows.append({"suite": suite, "seed": seed, "calib_index": int(cal[0]), "variant": name,
