@@ -542,8 +542,8 @@ class AdaQuant(Step):
             peak["memory_bytes"] = max(peak["memory_bytes"], cache.memory_bytes)
             peak["disk_bytes"] = max(peak["disk_bytes"], cache.disk_bytes)
             stats = adaquant_layer(ctx.layers()[name], cache, None, opts, gen)
-        log.info("adaquant %s: mse %.4g -> %.4g (%d iters, %.1fs)", name, stats.mse_before,
-                 stats.mse_after, stats.iters, stats.seconds)
+        log.info("adaquant %s: mse %.4g -> %.4g (%d iters, %.1fs, held out: %s)", name,
+                 stats.mse_before, stats.mse_after, stats.iters, stats.seconds, stats.holdout)
         return stats
 
     def _summary(self, ctx: Context, done: list[str], peak: dict[str, int]) -> dict[str, Any]:
@@ -552,5 +552,7 @@ class AdaQuant(Step):
                 "iters": self.options.iters, "layers": len(done),
                 "mse_before_sum": sum(s["mse_before"] for s in per_layer),
                 "mse_after_sum": sum(s["mse_after"] for s in per_layer),
+                "holdout_layers": {k: sum(s.get("holdout") == k for s in per_layer)
+                                   for k in ("none", "samples", "positions", "frozen")},
                 "cache_peak_memory_mb": peak["memory_bytes"] / (1 << 20),
                 "cache_peak_disk_mb": peak["disk_bytes"] / (1 << 20)}
