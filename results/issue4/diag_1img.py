@@ -46,9 +46,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "only-aq": {"mode": "parallel", "holdout": "never", "lr_weight": 0.0, "lr_bias": 0.0,
                 "lr_w_qparams": 0.0},
     "keep-depthwise": {"mode": "parallel", "holdout": "never"},  # post-processed below
-    # the fix (session 10): held-out selection, default rule and a larger held-out share
+    # the fix (session 10): held-out selection + weights frozen where under-determined (default),
+    # the same with a larger held-out share, and held-out selection alone
     "auto": {"mode": "parallel", "holdout": "auto"},
     "auto-f50": {"mode": "parallel", "holdout": "auto", "holdout_fraction": 0.5},
+    "auto-nofreeze": {"mode": "parallel", "holdout": "auto", "freeze_underdetermined": False},
     "seq-never": {"mode": "sequential", "holdout": "never"},
     "seq-auto": {"mode": "sequential", "holdout": "auto"},
 }

@@ -183,7 +183,7 @@ def _conv_layer(bits: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     fl = nn.Conv2d(4, 6, 3, padding=1)
     layer = QuantConv2d(fl, QuantSpec(bits), QuantSpec(bits))
-    x = torch.relu(torch.randn(1, 4, 6, 6, generator=g))  # one "image": 36 positions, fan-in 36
+    x = torch.relu(torch.randn(1, 4, 8, 8, generator=g))  # one "image": 64 positions, fan-in 36
     with torch.no_grad():
         w = layer.weight.reshape(6, -1)
         layer.w_quant.set_range(w.min(1).values, w.max(1).values)
@@ -209,7 +209,23 @@ def test_holdout_positions_for_one_image_conv() -> None:
     layer, x, y = _conv_layer()
     assert aq._holdout_kind(layer, [(x, y)], AdaQuantOptions()) == "positions"  # 1 sample < 36
     split = aq._make_split(layer, [(x, y)], "positions", 0.25, torch.Generator().manual_seed(0))
-    assert split.masks[0].shape == (1, 1, 6, 6) and int(split.masks[0].sum()) == 9  # 25% of 36
+    assert split.masks[0].shape == (1, 1, 8, 8) and int(split.masks[0].sum()) == 16  # 25% of 64
+    # fit values per output channel: 48 positions >= fan-in 36, so the weights are learned
+    assert aq._fit_constraints(layer, [(x, y)], split) == 48
+
+
+def test_one_image_on_a_small_map_is_left_unchanged() -> None:
+    layer, x, y = _conv_layer()
+    small = [(x[..., :7, :7], y[..., :7, :7])]  # 49 positions < 64: nothing to validate on
+    assert aq._holdout_kind(layer, small, AdaQuantOptions()) == "frozen"
+
+
+def test_weights_frozen_when_the_fit_has_fewer_values_than_the_fan_in() -> None:
+    layer, x, y = _layer()  # fan-in 16; 6 samples, 2 held out -> 4 fit values per channel
+    w0 = layer.weight.detach().clone()
+    stats = adaquant_layer(layer, x[:6], y[:6], AdaQuantOptions(iters=20, eval_every=5))
+    assert stats.holdout == "samples" and stats.fit_constraints == 4 and stats.weights_frozen
+    assert torch.equal(layer.weight.detach(), w0)  # lr_weight 0: the float weights are kept
 
 
 def test_sample_split_holds_out_a_quarter_across_chunks() -> None:

@@ -41,9 +41,21 @@ brings less than one constraint per unknown once the correlation of positions wi
 allowed for). Engaged, the fit uses the rest and the iterate is chosen on the held-out part
 (starting point included, and only iterates whose MSE over all cached data is <= the start's):
 
-* ``holdout_fraction`` of the samples, when the layer has at least ``MIN_HOLDOUT_SAMPLES`` samples;
-* otherwise ``holdout_fraction`` of the output positions (conv: H*W; linear on sequences: tokens);
-* otherwise (e.g. a classifier fed one image) nothing can be validated: the layer is left as is.
+* ``holdout_fraction`` of the samples, when the layer has at least ``MIN_HOLDOUT_SAMPLES`` (4);
+* otherwise ``holdout_fraction`` of the output positions (conv: H*W; linear on sequences: tokens),
+  when every sample has at least ``MIN_HOLDOUT_POSITIONS`` (64, an 8x8 map) of them;
+* otherwise nothing can be validated and the layer is left as it is (``holdout="frozen"``).
+
+Why positions need a floor: positions of one image are not independent samples - a per-channel
+bias or step size fitted to 12 positions of a 4x4 map fits that image, and its other 4 positions
+agree. Measured on fmnist-mobilenetv2, one image, 5 seeds, plain AdaQuant, layer MSE on 1000
+held-out train images after / before, mean per output size: 28x28 0.78, 14x14 0.92 (gains),
+7x7 1.04, 4x4 1.24, classifier 1.12 (losses; results/issue4/NOTES-s10.md).
+
+Engaged, it also limits what is learned (``freeze_underdetermined``): when the fit has fewer
+target values per output channel (fit samples x output positions) than the layer's fan-in - the
+paper's own over-fitting bound, appendix A: B >= C_in k^2 / (H W) - the weight offset is not
+learned (lr_weight 0), only the bias and the quantizer parameters (a handful per channel).
 
 The rule is off for every layer of the zoo models at 1000 images (largest fan-in: 640), so those
 results are bit-for-bit those of the plain best-iterate rule; ``holdout="never"`` restores it
@@ -53,6 +65,7 @@ everywhere, ``"always"`` engages it for every layer.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -83,6 +96,7 @@ Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
 TARGETS = ("float_model", "float_layer")
 HOLDOUTS = ("auto", "always", "never")
 MIN_HOLDOUT_SAMPLES = 4  # fewer samples: hold out output positions instead
+MIN_HOLDOUT_POSITIONS = 64  # fewer positions per sample too: nothing to validate on, layer kept
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,9 @@ class AdaQuantOptions:
     eval_every: steps between full-cache MSE checks that choose the best iterate.
     memory_budget_mb: activations of one layer kept in memory; the rest spills to ``spill_dir``.
     holdout: "auto" (hold out data when samples < the layer's fan-in, see the module docstring),
-    "always" or "never"; holdout_fraction: share of samples / output positions held out.
+    "always" or "never"; holdout_fraction: share of samples / output positions held out;
+    freeze_underdetermined: when held out, keep the weights (learn only bias and quantizer
+    parameters) if the fit has fewer target values per output channel than the fan-in.
 
     Defaults: the paper's Adam learning rates translated to this parametrisation and checked on
     layer MSE of calibration data (fmnist-resnet20 proxy): lr_weight 1e-2 LSB, lr_bias 1e-3,
@@ -120,6 +136,7 @@ class AdaQuantOptions:
     spill_dir: str | None = None
     holdout: str = "auto"
     holdout_fraction: float = 0.25
+    freeze_underdetermined: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("sequential", "parallel"):
@@ -153,6 +170,8 @@ class LayerStats:
     holdout: str = "none"
     heldout_before: float | None = None
     heldout_after: float | None = None
+    fit_constraints: int | None = None
+    weights_frozen: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -298,7 +317,7 @@ def _holdout_kind(layer: QuantModule, data: Sequence[Pair], opts: AdaQuantOption
     if n >= MIN_HOLDOUT_SAMPLES:
         return "samples"
     positions = min(math.prod(_position_shape(layer, y)) for _, y in data) if len(data) else 0
-    return "positions" if positions >= 2 else "frozen"
+    return "positions" if positions >= MIN_HOLDOUT_POSITIONS else "frozen"
 
 
 def _held_count(total: int, fraction: float) -> int:
@@ -339,6 +358,17 @@ def _split_mse(fn: Any, data: Sequence[Pair], split: _Split) -> tuple[float, flo
         held += float(err[m].sum())
         held_count += int(m.sum())
     return total / max(count, 1), held / max(held_count, 1)
+
+
+def _fit_constraints(layer: QuantModule, data: Sequence[Pair], split: _Split) -> int:
+    """Fit (non-held-out) target values per output channel: samples x output positions."""
+    total = 0
+    for (_, y), held in zip(data, split.masks):
+        positions = math.prod(_position_shape(layer, y))
+        per_sample = positions - int(held.sum()) if split.kind == "positions" else positions
+        samples = int((~held).sum()) if split.kind == "samples" else int(y.shape[0])
+        total += samples * per_sample
+    return total
 
 
 def _fit_sample(data: Sequence[Pair], split: _Split, chunks: list[int], batch_size: int,
@@ -432,8 +462,12 @@ def adaquant_layer(layer: QuantModule, x_in: torch.Tensor | Sequence[Pair],
     if kind == "none":
         res = _fit_all(rep, data, opts, gen)
     else:
-        res = _fit_heldout(rep, data, _make_split(layer, data, kind, opts.holdout_fraction, gen),
-                           opts, gen)
+        split = _make_split(layer, data, kind, opts.holdout_fraction, gen)
+        constraints = _fit_constraints(layer, data, split)
+        freeze = opts.freeze_underdetermined and constraints < layer.weight[0].numel()
+        res = _fit_heldout(rep, data, split, dataclasses.replace(opts, lr_weight=0.0) if freeze
+                           else opts, gen)
+        res.update(fit_constraints=constraints, weights_frozen=freeze)
     rep.write()
     return LayerStats(iters=opts.iters, seconds=time.perf_counter() - t0,
                       samples=_num_samples(data), **res)
