@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "auto": {"mode": "parallel", "holdout": "auto"},
     "auto-f50": {"mode": "parallel", "holdout": "auto", "holdout_fraction": 0.5},
     "auto-nofreeze": {"mode": "parallel", "holdout": "auto", "freeze_underdetermined": False},
+    "auto-noaq": {"mode": "parallel", "holdout": "auto", "lr_a_qparams": 0.0},
     "seq-never": {"mode": "sequential", "holdout": "never"},
     "seq-auto": {"mode": "sequential", "holdout": "auto"},
 }
