@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
+LABELS = {"minmax": "start: MSE ranges (stored as 'minmax')", "minmax-ranges": "min-max ranges"}
 
 
 def load(suite: str) -> list[dict]:
@@ -36,7 +37,8 @@ def variant_table(rows: list[dict]) -> str:
         got = [r for r in rs if r]
         cells = [f"{r['heldout_kl']:.4f}" if r else "-" for r in rs]
         mean = lambda k: statistics.mean(r[k] for r in got)  # noqa: E731
-        out.append(f"| {v} | " + " | ".join(cells) + f" | {mean('heldout_kl'):.4f} | "
+        label = LABELS.get(v, v)
+        out.append(f"| {label} | " + " | ".join(cells) + f" | {mean('heldout_kl'):.4f} | "
                    f"{mean('heldout_agreement'):.1f} | {mean('heldout_top1'):.1f} "
                    f"({mean('heldout_fp32_top1'):.1f}) | {mean('layers_worse_heldout'):.1f} |")
     return "\n".join(out)
