@@ -174,3 +174,110 @@ def test_step_summary_records_the_target(tiny: nn.Module, tiny_data: torch.Tenso
     for name in ("conv1", "dw", "fc"):
         s = q.report.layers[name]["adaquant"]
         assert s["mse_after"] <= s["mse_before"]
+
+
+# --- held-out iterate selection (session 10) ---------------------------------------------------
+
+def _conv_layer(bits: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    from ptqkit.nn.modules import QuantConv2d
+    g = torch.Generator().manual_seed(5)
+    fl = nn.Conv2d(4, 6, 3, padding=1)
+    layer = QuantConv2d(fl, QuantSpec(bits), QuantSpec(bits))
+    x = torch.relu(torch.randn(1, 4, 8, 8, generator=g))  # one "image": 64 positions, fan-in 36
+    with torch.no_grad():
+        w = layer.weight.reshape(6, -1)
+        layer.w_quant.set_range(w.min(1).values, w.max(1).values)
+        layer.a_quant.set_range(x.min(), x.max())
+        y = layer.op(x, layer.weight, layer.bias)
+    return layer, x, y
+
+
+@pytest.mark.parametrize(("n", "holdout", "kind"), [
+    (200, "auto", "none"),      # 200 samples >= fan-in 16: plain rule
+    (10, "auto", "samples"),    # 10 < 16, enough samples to hold some out
+    (3, "auto", "frozen"),      # a linear layer on 3 samples has no positions to hold out
+    (10, "never", "none"),
+    (200, "always", "samples"),
+])
+def test_holdout_rule(n: int, holdout: str, kind: str) -> None:
+    layer, x, y = _layer()
+    stats = adaquant_layer(layer, x[:n], y[:n], AdaQuantOptions(iters=10, eval_every=5, holdout=holdout))
+    assert stats.holdout == kind
+
+
+def test_holdout_positions_for_one_image_conv() -> None:
+    layer, x, y = _conv_layer()
+    assert aq._holdout_kind(layer, [(x, y)], AdaQuantOptions()) == "positions"  # 1 sample < 36
+    split = aq._make_split(layer, [(x, y)], "positions", 0.25, torch.Generator().manual_seed(0))
+    assert split.masks[0].shape == (1, 1, 8, 8) and int(split.masks[0].sum()) == 16  # 25% of 64
+    # fit values per output channel: 48 positions >= fan-in 36, so the weights are learned
+    assert aq._fit_constraints(layer, [(x, y)], split) == 48
+
+
+def test_one_image_on_a_small_map_is_left_unchanged() -> None:
+    layer, x, y = _conv_layer()
+    small = [(x[..., :7, :7], y[..., :7, :7])]  # 49 positions < 64: nothing to validate on
+    assert aq._holdout_kind(layer, small, AdaQuantOptions()) == "frozen"
+
+
+def test_weights_frozen_when_the_fit_has_fewer_values_than_the_fan_in() -> None:
+    layer, x, y = _layer()  # fan-in 16; 6 samples, 2 held out -> 4 fit values per channel
+    w0 = layer.weight.detach().clone()
+    stats = adaquant_layer(layer, x[:6], y[:6], AdaQuantOptions(iters=20, eval_every=5))
+    assert stats.holdout == "samples" and stats.fit_constraints == 4 and stats.weights_frozen
+    assert torch.equal(layer.weight.detach(), w0)  # lr_weight 0: the float weights are kept
+
+
+def test_sample_split_holds_out_a_quarter_across_chunks() -> None:
+    layer, x, y = _layer()
+    data = [(x[:6], y[:6]), (x[6:10], y[6:10])]
+    split = aq._make_split(layer, data, "samples", 0.25, torch.Generator().manual_seed(0))
+    assert [m.shape for m in split.masks] == [(6, 1), (4, 1)]
+    assert sum(int(m.sum()) for m in split.masks) == 2  # round(0.25 * 10)
+
+
+@pytest.mark.parametrize("maker", [_layer, _conv_layer])
+def test_heldout_selection_is_never_worse_on_held_out_and_all_data(maker) -> None:  # type: ignore[no-untyped-def]
+    layer, x, y = maker()
+    n = 10 if x.shape[0] > 1 else 1
+    opts = AdaQuantOptions(iters=40, eval_every=5, lr_weight=1.0, lr_a_qparams=0.3)  # over-fits
+    stats = adaquant_layer(layer, x[:n], y[:n], opts)
+    assert stats.holdout in ("samples", "positions")
+    assert stats.heldout_after is not None and stats.heldout_before is not None
+    assert stats.heldout_after <= stats.heldout_before
+    assert stats.mse_after <= stats.mse_before
+    assert layer_mse(layer, [(x[:n], y[:n])]) == pytest.approx(stats.mse_after, rel=1e-5)
+
+
+def test_frozen_layer_is_left_bit_exact() -> None:
+    layer, x, y = _layer()
+    before = copy.deepcopy(layer.state_dict())
+    stats = adaquant_layer(layer, x[:1], y[:1])
+    assert stats.holdout == "frozen" and stats.mse_after == stats.mse_before and stats.iters == 0
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_auto_equals_never_when_samples_cover_the_fan_in() -> None:
+    a, x, y = _layer()
+    b = copy.deepcopy(a)
+    adaquant_layer(a, x, y, AdaQuantOptions(iters=30, eval_every=5))
+    adaquant_layer(b, x, y, AdaQuantOptions(iters=30, eval_every=5, holdout="never"))
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_holdout_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="holdout must be one of"):
+        AdaQuantOptions(holdout="sometimes")
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        AdaQuantOptions(holdout_fraction=1.0)
+
+
+def test_step_summary_counts_holdout_layers(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    recipe = Recipe(w_bits=4, a_bits=4).with_steps(
+        StepSpec("adaquant", {"mode": "parallel", "iters": 4, "eval_every": 2}))
+    q = quantize(tiny, tiny_data[:2], recipe)
+    counts = q.report.steps[1]["holdout_layers"]
+    assert sum(counts.values()) == 3 and counts["none"] == 0
+    assert q.report.layers["fc"]["adaquant"]["holdout"] == "frozen"  # linear on 2 samples

@@ -29,14 +29,47 @@ Parametrisation (decides what the learning rates mean; Adam moves each parameter
 
 The best iterate (by MSE over all cached samples, evaluated every ``eval_every`` steps and at
 the end; the starting point is a candidate) is written back, so MSE after <= MSE before.
+
+Held-out selection (``holdout``, session 10). With very little calibration data the fit has fewer
+independent constraints than parameters, and choosing the iterate on the data it was fitted to
+cannot see over-fitting: on fmnist-mobilenetv2 with ONE calibration image parallel AdaQuant made
+33-41 of 52 layers worse on held-out train images and the model worse than min-max
+(results/issue4/NOTES-s10.md). ``holdout="auto"`` (default) therefore holds out part of a layer's
+data whenever the calibration set has fewer samples than the layer has weights per output channel
+(its fan-in, C_in / groups * k^2: the number of unknowns of one output channel; every sample then
+brings less than one constraint per unknown once the correlation of positions within an image is
+allowed for). Engaged, the fit uses the rest and the iterate is chosen on the held-out part
+(starting point included, and only iterates whose MSE over all cached data is <= the start's):
+
+* ``holdout_fraction`` of the samples, when the layer has at least ``MIN_HOLDOUT_SAMPLES`` (4);
+* otherwise ``holdout_fraction`` of the output positions (conv: H*W; linear on sequences: tokens),
+  when every sample has at least ``MIN_HOLDOUT_POSITIONS`` (64, an 8x8 map) of them;
+* otherwise nothing can be validated and the layer is left as it is (``holdout="frozen"``).
+
+Why positions need a floor: positions of one image are not independent samples - a per-channel
+bias or step size fitted to 12 positions of a 4x4 map fits that image, and its other 4 positions
+agree. Measured on fmnist-mobilenetv2, one image, 5 seeds, plain AdaQuant, layer MSE on 1000
+held-out train images after / before, mean per output size: 28x28 0.78, 14x14 0.92 (gains),
+7x7 1.04, 4x4 1.24, classifier 1.12 (losses; results/issue4/NOTES-s10.md).
+
+Engaged, it also limits what is learned (``freeze_underdetermined``): when the fit has fewer
+target values per output channel (fit samples x output positions) than the layer's fan-in - the
+paper's own over-fitting bound, appendix A: B >= C_in k^2 / (H W) - the weight offset is not
+learned (lr_weight 0), only the bias and the quantizer parameters (a handful per channel).
+
+The rule is off for every layer of the zoo models at 1000 images (largest fan-in: 640), so those
+results are bit-for-bit those of the plain best-iterate rule; ``holdout="never"`` restores it
+everywhere, ``"always"`` engages it for every layer.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -51,7 +84,7 @@ from ..calib.data import CalibrationData
 from ..core.primitives import EPS, fake_quantize
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
-from ..nn.modules import QuantModule
+from ..nn.modules import QuantLinear, QuantModule
 from .base import Context, Step, register_step
 
 __all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capture_layer_input",
@@ -61,6 +94,9 @@ log = logging.getLogger(__name__)
 
 Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
 TARGETS = ("float_model", "float_layer")
+HOLDOUTS = ("auto", "always", "never")
+MIN_HOLDOUT_SAMPLES = 4  # fewer samples: hold out output positions instead
+MIN_HOLDOUT_POSITIONS = 64  # fewer positions per sample too: nothing to validate on, layer kept
 
 
 @dataclass(frozen=True)
@@ -75,6 +111,10 @@ class AdaQuantOptions:
     relative step-size change and zero-point LSB per step for the weight / input quantizer.
     eval_every: steps between full-cache MSE checks that choose the best iterate.
     memory_budget_mb: activations of one layer kept in memory; the rest spills to ``spill_dir``.
+    holdout: "auto" (hold out data when samples < the layer's fan-in, see the module docstring),
+    "always" or "never"; holdout_fraction: share of samples / output positions held out;
+    freeze_underdetermined: when held out, keep the weights (learn only bias and quantizer
+    parameters) if the fit has fewer target values per output channel than the fan-in.
 
     Defaults: the paper's Adam learning rates translated to this parametrisation and checked on
     layer MSE of calibration data (fmnist-resnet20 proxy): lr_weight 1e-2 LSB, lr_bias 1e-3,
@@ -94,12 +134,19 @@ class AdaQuantOptions:
     eval_every: int = 25
     memory_budget_mb: float = 1024.0
     spill_dir: str | None = None
+    holdout: str = "auto"
+    holdout_fraction: float = 0.25
+    freeze_underdetermined: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.holdout not in HOLDOUTS:
+            raise ValueError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {self.holdout!r}")
+        if not 0.0 < float(self.holdout_fraction) < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         for key in ("iters", "batch_size", "eval_every"):
             if int(getattr(self, key)) < (0 if key == "iters" else 1):
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
@@ -110,7 +157,9 @@ class AdaQuantOptions:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Outcome of AdaQuant on one layer: MSE over all cached samples before and after."""
+    """Outcome of AdaQuant on one layer: MSE over all cached samples before and after, and which
+    data chose the iterate ("none": all of it; "samples" / "positions": a held-out part, whose
+    MSE before / after is ``heldout_before`` / ``heldout_after``; "frozen": left unchanged)."""
 
     mse_before: float
     mse_after: float
@@ -118,6 +167,11 @@ class LayerStats:
     best_iter: int
     seconds: float
     samples: int
+    holdout: str = "none"
+    heldout_before: float | None = None
+    heldout_after: float | None = None
+    fit_constraints: int | None = None
+    weights_frozen: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,6 +283,163 @@ def _as_pairs(x_in: torch.Tensor | Sequence[Pair], y_target: torch.Tensor | None
     return x_in
 
 
+@dataclass
+class _Split:
+    """Held-out elements of each cached chunk: ``masks[i]`` is a bool tensor broadcastable to
+    chunk i's target (True = held out); kind "samples" masks (n_i, 1, ...), "positions" masks
+    the output positions of every sample."""
+
+    kind: str
+    masks: list[torch.Tensor]
+
+    def fit_chunks(self) -> list[int]:
+        return [i for i, m in enumerate(self.masks) if not bool(m.all())]
+
+
+def _num_samples(data: Sequence[Pair]) -> int:
+    n = getattr(data, "num_samples", None)
+    return int(n) if n is not None else sum(int(x.shape[0]) for x, _ in data)
+
+
+def _position_shape(layer: QuantModule, y: torch.Tensor) -> tuple[int, ...]:
+    """Mask shape over the output positions of one sample: conv (1, 1, *spatial), linear
+    (1, *tokens, 1); the channel dimension is 1 for convolutions and -1 for linear layers."""
+    if isinstance(layer, QuantLinear):
+        return (1, *y.shape[1:-1], 1)
+    return (1, 1, *y.shape[2:])
+
+
+def _holdout_kind(layer: QuantModule, data: Sequence[Pair], opts: AdaQuantOptions) -> str:
+    """"none", "samples", "positions" or "frozen" (the rule of the module docstring)."""
+    n = _num_samples(data)
+    if opts.holdout == "never" or (opts.holdout == "auto" and n >= layer.weight[0].numel()):
+        return "none"
+    if n >= MIN_HOLDOUT_SAMPLES:
+        return "samples"
+    positions = min(math.prod(_position_shape(layer, y)) for _, y in data) if len(data) else 0
+    return "positions" if positions >= MIN_HOLDOUT_POSITIONS else "frozen"
+
+
+def _held_count(total: int, fraction: float) -> int:
+    """Held-out count: ``fraction`` of ``total`` rounded, at least 1 and leaving at least 1."""
+    return min(max(1, round(fraction * total)), total - 1)
+
+
+def _make_split(layer: QuantModule, data: Sequence[Pair], kind: str, fraction: float,
+                gen: torch.Generator) -> _Split:
+    """Random held-out samples (over the whole cache) or output positions (per chunk)."""
+    if kind == "samples":
+        n = _num_samples(data)
+        held = torch.zeros(n, dtype=torch.bool)
+        held[torch.randperm(n, generator=gen)[:_held_count(n, fraction)]] = True
+        masks, k = [], 0
+        for _, y in data:
+            masks.append(held[k:k + y.shape[0]].reshape(-1, *([1] * (y.dim() - 1))))
+            k += y.shape[0]
+        return _Split(kind, masks)
+    masks = []
+    for _, y in data:
+        shape = _position_shape(layer, y)
+        flat = torch.zeros(math.prod(shape), dtype=torch.bool)
+        flat[torch.randperm(flat.numel(), generator=gen)[:_held_count(flat.numel(), fraction)]] = True
+        masks.append(flat.reshape(shape))
+    return _Split(kind, masks)
+
+
+@torch.no_grad()
+def _split_mse(fn: Any, data: Sequence[Pair], split: _Split) -> tuple[float, float]:
+    """(MSE over every cached element, MSE over the held-out elements)."""
+    total, count, held, held_count = 0.0, 0, 0.0, 0
+    for (x, y), mask in zip(data, split.masks):
+        err = (fn(x) - y) ** 2
+        total += float(err.sum())
+        count += err.numel()
+        m = mask.expand_as(err)
+        held += float(err[m].sum())
+        held_count += int(m.sum())
+    return total / max(count, 1), held / max(held_count, 1)
+
+
+def _fit_constraints(layer: QuantModule, data: Sequence[Pair], split: _Split) -> int:
+    """Fit (non-held-out) target values per output channel: samples x output positions."""
+    total = 0
+    for (_, y), held in zip(data, split.masks):
+        positions = math.prod(_position_shape(layer, y))
+        per_sample = positions - int(held.sum()) if split.kind == "positions" else positions
+        samples = int((~held).sum()) if split.kind == "samples" else int(y.shape[0])
+        total += samples * per_sample
+    return total
+
+
+def _fit_sample(data: Sequence[Pair], split: _Split, chunks: list[int], batch_size: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random mini-batch of fit data: (x, y, keep), keep = bool mask of the fit elements."""
+    i = chunks[int(torch.randint(len(chunks), (1,), generator=gen))]
+    (x, y), held = data[i], split.masks[i]
+    if split.kind == "samples":
+        idx = torch.nonzero(~held.flatten()).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)[:batch_size]]
+        return x[idx], y[idx], torch.ones((1,) * y.dim(), dtype=torch.bool)
+    if x.shape[0] > batch_size:
+        idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
+        x, y = x[idx], y[idx]
+    return x, y, ~held
+
+
+def _descend(rep: _Reparam, opts: AdaQuantOptions, draw: Callable[[], torch.Tensor],
+             score: Callable[[], float]) -> tuple[int, float, float]:
+    """Adam on ``rep``; ``draw()`` -> loss of a fresh mini-batch, ``score()`` -> value to minimise,
+    checked every ``eval_every`` steps and at the end. Loads the best iterate (the start is a
+    candidate) into ``rep``; returns (best iteration, start score, best score)."""
+    best_score = first = score()
+    best, best_iter = rep.snapshot(), 0
+    with torch.enable_grad():
+        opt = torch.optim.Adam(rep.groups(opts))
+        for it in range(1, opts.iters + 1):
+            loss = draw()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if it % opts.eval_every == 0 or it == opts.iters:
+                s = score()
+                if s < best_score:
+                    best_score, best, best_iter = s, rep.snapshot(), it
+    rep.load(best)
+    return best_iter, first, best_score
+
+
+def _fit_all(rep: _Reparam, data: Sequence[Pair], opts: AdaQuantOptions,
+             gen: torch.Generator) -> dict[str, Any]:
+    """Fit and choose the iterate on all cached data (the plain rule)."""
+    def draw() -> torch.Tensor:
+        x, y = _sample(data, opts.batch_size, gen)
+        return F.mse_loss(rep(x), y)
+
+    best_iter, before, after = _descend(rep, opts, draw, lambda: _mse(rep, data))
+    return {"mse_before": before, "mse_after": after, "best_iter": best_iter}
+
+
+def _fit_heldout(rep: _Reparam, data: Sequence[Pair], split: _Split, opts: AdaQuantOptions,
+                 gen: torch.Generator) -> dict[str, Any]:
+    """Fit on the non-held-out part; choose the iterate with the lowest held-out MSE among those
+    whose MSE over all cached data is <= the start's."""
+    chunks = split.fit_chunks()
+    before, held_before = _split_mse(rep, data, split)
+
+    def draw() -> torch.Tensor:
+        x, y, keep = _fit_sample(data, split, chunks, opts.batch_size, gen)
+        return ((rep(x) - y) ** 2)[keep.expand_as(y)].mean()
+
+    def score() -> float:
+        total, held = _split_mse(rep, data, split)
+        return held if total <= before else math.inf
+
+    best_iter, _, held_after = _descend(rep, opts, draw, score)
+    return {"mse_before": before, "mse_after": _split_mse(rep, data, split)[0],
+            "best_iter": best_iter, "holdout": split.kind, "heldout_before": held_before,
+            "heldout_after": held_after}
+
+
 def adaquant_layer(layer: QuantModule, x_in: torch.Tensor | Sequence[Pair],
                    y_target: torch.Tensor | None = None, options: AdaQuantOptions | None = None,
                    generator: torch.Generator | None = None) -> LayerStats:
@@ -236,31 +447,30 @@ def adaquant_layer(layer: QuantModule, x_in: torch.Tensor | Sequence[Pair],
 
     x_in: (N, C_in, ...) layer inputs with y_target (N, C_out, ...) float outputs ``W X + b``, or
     a sequence of (x, y) chunks (an ActivationCache). The layer's weight, bias and quantizer
-    parameters are replaced by the best iterate; MSE after <= MSE before.
+    parameters are replaced by the chosen iterate (on all data, or on held-out data when the
+    ``holdout`` rule engages); MSE over all cached data after <= before, always.
     """
     opts = options or AdaQuantOptions()
     data = _as_pairs(x_in, y_target)
     gen = generator or torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     rep = _Reparam(layer)
-    best_mse = before = _mse(rep, data)
-    best, best_iter = rep.snapshot(), 0
-    with torch.enable_grad():
-        opt = torch.optim.Adam(rep.groups(opts))
-        for it in range(1, opts.iters + 1):
-            x, y = _sample(data, opts.batch_size, gen)
-            loss = F.mse_loss(rep(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if it % opts.eval_every == 0 or it == opts.iters:
-                mse = _mse(rep, data)
-                if mse < best_mse:
-                    best_mse, best, best_iter = mse, rep.snapshot(), it
-    rep.load(best)
+    kind = _holdout_kind(layer, data, opts)
+    if kind == "frozen":
+        mse = _mse(rep, data)
+        return LayerStats(mse, mse, 0, 0, time.perf_counter() - t0, _num_samples(data), "frozen")
+    if kind == "none":
+        res = _fit_all(rep, data, opts, gen)
+    else:
+        split = _make_split(layer, data, kind, opts.holdout_fraction, gen)
+        constraints = _fit_constraints(layer, data, split)
+        freeze = opts.freeze_underdetermined and constraints < layer.weight[0].numel()
+        res = _fit_heldout(rep, data, split, dataclasses.replace(opts, lr_weight=0.0) if freeze
+                           else opts, gen)
+        res.update(fit_constraints=constraints, weights_frozen=freeze)
     rep.write()
-    return LayerStats(before, best_mse, opts.iters, best_iter, time.perf_counter() - t0,
-                      sum(int(x.shape[0]) for x, _ in data))
+    return LayerStats(iters=opts.iters, seconds=time.perf_counter() - t0,
+                      samples=_num_samples(data), **res)
 
 
 class _StopForward(Exception):
@@ -366,8 +576,8 @@ class AdaQuant(Step):
             peak["memory_bytes"] = max(peak["memory_bytes"], cache.memory_bytes)
             peak["disk_bytes"] = max(peak["disk_bytes"], cache.disk_bytes)
             stats = adaquant_layer(ctx.layers()[name], cache, None, opts, gen)
-        log.info("adaquant %s: mse %.4g -> %.4g (%d iters, %.1fs)", name, stats.mse_before,
-                 stats.mse_after, stats.iters, stats.seconds)
+        log.info("adaquant %s: mse %.4g -> %.4g (%d iters, %.1fs, held out: %s)", name,
+                 stats.mse_before, stats.mse_after, stats.iters, stats.seconds, stats.holdout)
         return stats
 
     def _summary(self, ctx: Context, done: list[str], peak: dict[str, int]) -> dict[str, Any]:
@@ -376,5 +586,7 @@ class AdaQuant(Step):
                 "iters": self.options.iters, "layers": len(done),
                 "mse_before_sum": sum(s["mse_before"] for s in per_layer),
                 "mse_after_sum": sum(s["mse_after"] for s in per_layer),
+                "holdout_layers": {k: sum(s.get("holdout") == k for s in per_layer)
+                                   for k in ("none", "samples", "positions", "frozen")},
                 "cache_peak_memory_mb": peak["memory_bytes"] / (1 << 20),
                 "cache_peak_disk_mb": peak["disk_bytes"] / (1 << 20)}
