@@ -469,7 +469,8 @@ def refine(session: Session, solution: Solution, model: nn.Module, opts: RefineO
                                      "measured_loss": best, "accepted": True}]
     for r in range(1, opts.rounds + 1):
         rec = _refine_round(session, model, choice, best, budget, sub, opts)
-        rounds.append({"round": r, **{k: v for k, v in rec.items() if k != "choice"}})
+        rounds.append({"round": r, **{k: v for k, v in rec.items() if k != "choice"},
+                       "measured_loss": rec.get("measured_loss", best)})  # loss after the round
         log.info("IP refinement round %d: %s", r, _round_text(rec, best))
         if not rec["accepted"]:
             break
