@@ -236,7 +236,8 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     key = (tuple(sol.choice), m.tuner, m.post)
     if key in seen:  # same configuration as an earlier point (e.g. all-8-bit): same numbers
         return {**seen[key], **row, "status": sol.status, "same_as": seen[key]["method"],
-                "alternatives": alts, "seconds": time.perf_counter() - t0}
+                "alternatives": alts, "refine": sol.refine, "refine_options": _refine_opts(m, cfg),
+                "seconds": time.perf_counter() - t0}
     expected = sol.predicted["loss"]
     measured_ip = sol.measured if sol.measured is not None else session.measured_loss(model)
     model, post = _post_steps(model, session, m.post, measured_ip, cfg)
@@ -250,10 +251,14 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "calib_loss_after_post": next((p["calib_loss"] for p in reversed(post) if p["kept"]),
                                       measured_ip),
         "post": [p["step"] for p in post if p["kept"]], "post_steps": post, "alternatives": alts,
-        "refine": sol.refine, "refine_options": dataclasses.asdict(cfg.refine) if m.solver == "ip" else None,
+        "refine": sol.refine, "refine_options": _refine_opts(m, cfg),
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
+
+
+def _refine_opts(m: SweepMethod, cfg: SweepConfig) -> dict[str, Any] | None:
+    return dataclasses.asdict(cfg.refine) if m.solver == "ip" else None
 
 
 def _solve(session: Session, m: SweepMethod, c: float, cfg: SweepConfig, model: nn.Module,
