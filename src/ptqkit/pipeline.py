@@ -173,6 +173,7 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
         report.layer(name).update(type=type(layer).__name__, w_bits=layer.w_bits,
                                   a_bits=layer.a_bits, bn_folded=layer.folded_bn is not None)
     ctx = Context(qmodel, data, report, recipe.seed)
+    ctx.snapshot_float()
     reference = float_layer_outputs(qmodel, data)  # before any step adapts the float weights
     steps = [STEPS["ranges"](recipe.range_options())]
     steps += [STEPS[s.name](options_from_dict(STEPS[s.name], dict(s.options))) for s in recipe.steps]

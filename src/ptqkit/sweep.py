@@ -36,6 +36,7 @@ from .algorithms.mixed_precision import (
 )
 from .calib.data import CalibrationData
 from .evaluate import compression_ratio
+from .nn.control import float_weights
 from .nn.modules import quant_layers
 from .pipeline import Recipe, StepSpec, quantize
 
@@ -209,12 +210,17 @@ def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: 
     out = []
     for name in steps:
         before = copy.deepcopy(model) if cfg.post_guard else None
-        ctx = Context(model, session.calib, Report(), cfg.seed, {"float_outputs": session.float_out})
+        ctx = Context(model, session.calib, Report(), cfg.seed,
+                      {"float_outputs": session.float_out,
+                       "float_weights": float_weights(session.model)})  # the unstitched base
+        t0 = time.perf_counter()
         summary = STEPS[name](options_from_dict(STEPS[name], {})).run(ctx)
+        summary["seconds"] = time.perf_counter() - t0
         after = session.measured_loss(model)
         kept = before is None or after <= loss
-        out.append({"step": name, "calib_loss": after, "kept": kept,
-                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))}})
+        out.append({"step": name,  # the sweep's own verdict overrides a step's "kept"
+                    **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
+                    "calib_loss": after, "kept": kept})
         if kept:
             loss = after
         else:

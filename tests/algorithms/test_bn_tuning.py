@@ -2,20 +2,25 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
 from ptqkit.algorithms.bn_tuning import (
     BNStats,
+    BNTuningOptions,
     batch_moments,
     bn_train_forward,
+    float_moments,
     identity_bn,
     refold,
     tune_batchnorm,
 )
 from ptqkit.calib.data import CalibrationData
+from ptqkit.calib.loss import kl_to_float
+from ptqkit.nn.control import quantizers_disabled
 from ptqkit.nn.modules import FoldedBN
-from ptqkit.pipeline import Recipe, quantize
+from ptqkit.pipeline import Recipe, StepSpec, quantize
 
 
 def _conv_bn() -> nn.Module:
@@ -118,3 +123,71 @@ def test_step_runs_in_pipeline(tiny: nn.Module, tiny_data: torch.Tensor) -> None
     q = quantize(tiny, tiny_data, Recipe(w_bits=4, a_bits=4).with_steps("bn_tuning"))
     assert q.report.steps[1]["step"] == "bn_tuning" and q.report.steps[1]["layers"] == 2
     assert q.report.layers["conv1"]["bn_tuned"] is True
+
+
+def _one_batch() -> CalibrationData:
+    return CalibrationData(torch.randn(20, 2, 5, 5, generator=torch.Generator().manual_seed(6)),
+                           batch_size=20)
+
+
+def test_float_target_leaves_a_float_model_unchanged_and_paper_target_does_not() -> None:
+    model, data = _conv_bn(), _one_batch()
+    q = quantize(model, data, Recipe(w_bits=4, a_bits=4, first_last_8bit=False))
+    with quantizers_disabled(q), torch.no_grad():
+        ref = q(data.batches[0]).clone()
+        handle = tune_batchnorm(q, data, float_moments(q, data))
+        torch.testing.assert_close(q(data.batches[0]), ref, atol=1e-5, rtol=1e-5)
+        handle.undo()
+        tune_batchnorm(q, data)  # the paper's target: the folded BN's training statistics
+        assert (q(data.batches[0]) - ref).abs().max() > 1e-2
+
+
+def test_float_target_matches_float_mean_and_variance_with_integer_weights_unchanged() -> None:
+    model, data = _conv_bn(), _one_batch()
+    q = quantize(model, data, Recipe(w_bits=3, a_bits=3, first_last_8bit=False))
+    layer = q[0]
+    x = data.batches[0]
+    with quantizers_disabled(q), torch.no_grad():
+        f = q(x)
+    codes = layer.w_quant.int_repr(layer.weight)
+    tune_batchnorm(q, data, float_moments(q, data))
+    with torch.no_grad():
+        out = q(x)
+    torch.testing.assert_close(out.mean((0, 2, 3)), f.mean((0, 2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var((0, 2, 3)), f.var((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert torch.equal(layer.w_quant.int_repr(layer.weight), codes)
+
+
+@pytest.mark.parametrize("target", ["best", "bn", "float"])
+def test_step_never_raises_the_calibration_kl(tiny: nn.Module, tiny_data: torch.Tensor,
+                                              target: str) -> None:
+    base = quantize(tiny, tiny_data, Recipe(w_bits=3, a_bits=3))
+    recipe = Recipe(w_bits=3, a_bits=3).with_steps(StepSpec("bn_tuning", {"target": target}))
+    q = quantize(tiny, tiny_data, recipe)
+    summary = q.report.steps[1]
+    assert summary["kl_before"] == pytest.approx(_kl(base, base, tiny_data), rel=1e-4)
+    if summary["kept"]:
+        assert summary["kl_after"] <= summary["kl_before"]
+        assert summary["kl_after"] == pytest.approx(_kl(q, base, tiny_data), rel=1e-4)
+    else:
+        for k, v in base.state_dict().items():
+            assert torch.equal(v, q.state_dict()[k]), k
+    if target == "best":
+        assert summary["target"] == min(summary["kl_by_target"], key=summary["kl_by_target"].get)
+
+
+def _kl(q: nn.Module, folded_float: nn.Module, x: torch.Tensor) -> float:
+    """Calibration KL of q against the BN-folded float model (quantizers of ``folded_float`` off)."""
+    data = CalibrationData(x, batch_size=16)
+    total = 0.0
+    with torch.no_grad():
+        for b in data:
+            with quantizers_disabled(folded_float):
+                ref = folded_float(b)
+            total += float(kl_to_float(ref, q(b))) * b.shape[0]
+    return total / data.num_samples
+
+
+def test_unknown_target_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="target must be one of best, float, bn"):
+        BNTuningOptions(target="running")

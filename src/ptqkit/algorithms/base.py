@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -10,10 +11,11 @@ import torch
 from torch import nn
 
 from ..calib.data import CalibrationData
-from ..nn.control import quantizers_disabled
+from ..calib.loss import kl_to_float
+from ..nn.control import float_weights, original_float
 from ..nn.modules import QuantModule, quant_layers
 
-__all__ = ["Step", "STEPS", "register_step", "Context", "Report", "NoOptions"]
+__all__ = ["Step", "STEPS", "register_step", "Context", "Report", "NoOptions", "calibration_kl"]
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,32 @@ class Context:
     def layers(self) -> dict[str, QuantModule]:
         return quant_layers(self.qmodel)
 
+    def snapshot_float(self) -> None:
+        """Remember the float weights before any step adapts them (``as_float`` uses them)."""
+        self.cache.setdefault("float_weights", float_weights(self.qmodel))
+
+    def as_float(self) -> AbstractContextManager[nn.Module]:
+        """The float model: quantizers off and, after ``snapshot_float``, the float weights of
+        that moment swapped in (restored on exit)."""
+        return original_float(self.qmodel, self.cache.get("float_weights"))
+
     @torch.no_grad()
     def float_outputs(self) -> list[torch.Tensor]:
         """Float-model outputs for every calibration batch (computed once, then cached)."""
         if "float_outputs" not in self.cache:
-            with quantizers_disabled(self.qmodel):
+            with self.as_float():
                 self.cache["float_outputs"] = [self.calib.forward(self.qmodel, b)
                                                for b in self.calib]
         return self.cache["float_outputs"]
+
+
+@torch.no_grad()
+def calibration_kl(ctx: Context) -> float:
+    """Sample-weighted mean KL(float || quantized) of the model outputs on the calibration set."""
+    total, count = 0.0, 0
+    for batch, ref in zip(ctx.calib.batches, ctx.float_outputs()):
+        out = ctx.calib.forward(ctx.qmodel, batch)
+        n = ref.reshape(-1, ref.shape[-1]).shape[0]
+        total += float(kl_to_float(ref, out)) * n
+        count += n
+    return total / max(count, 1)

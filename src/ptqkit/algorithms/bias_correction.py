@@ -18,7 +18,7 @@ anything is modified.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..calib.loss import kl_to_float
+from ..calib.data import token_mask_of
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
-from .base import Context, Step, register_step
+from .base import Context, Step, calibration_kl, register_step
 
 __all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean", "robust_shift_mask",
            "checked_xi", "centred_mse", "token_mask_of", "calibration_kl", "sequential_correction",
@@ -84,13 +84,6 @@ def robust_shift_mask(abs_before: torch.Tensor, abs_after: torch.Tensor) -> torc
     error rises - and so does the damage downstream (LayerNorm sees the shift on every token).
     """
     return abs_after < abs_before
-
-
-def token_mask_of(batch: Any) -> torch.Tensor | None:
-    """The (N, T) attention mask of a Hugging Face style batch (a mapping with 'attention_mask'),
-    else None (images, plain tensors: every position is real)."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
 
 @dataclass(frozen=True)
@@ -343,18 +336,6 @@ def sequential_correction(ctx: Context, names: list[str]) -> dict[str, dict[str,
                        "bias_shift_max": float(err.abs().max()),
                        "shifted_channels": int((err != 0).sum())}
     return infos
-
-
-@torch.no_grad()
-def calibration_kl(ctx: Context) -> float:
-    """Sample-weighted mean KL(float || quantized) of the model outputs on the calibration set."""
-    total, count = 0.0, 0
-    for batch, ref in zip(ctx.calib.batches, ctx.float_outputs()):
-        out = ctx.calib.forward(ctx.qmodel, batch)
-        n = ref.reshape(-1, ref.shape[-1]).shape[0]
-        total += float(kl_to_float(ref, out)) * n
-        count += n
-    return total / max(count, 1)
 
 
 def _undo_handle(layers: dict[str, QuantModule]) -> Callable[[], None]:

@@ -9,7 +9,6 @@ included) is kept, so the result is never worse than the start on the held-out p
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,11 +122,10 @@ class BiasTuning(Step):
     Options = BiasTuningOptions
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        t0 = time.perf_counter()
         teacher = ctx.float_outputs()
         gen = torch.Generator().manual_seed(ctx.seed)
         summary = tune_biases(ctx.qmodel, ctx.calib, teacher, self.options, gen)
         if not summary["held_out"]:
             ctx.report.notes.append("bias tuning: a single calibration batch, so the best iterate "
                                     "was chosen on the training batch itself (nothing held out)")
-        return {**summary, "iters": self.options.iters, "seconds": time.perf_counter() - t0}
+        return {**summary, "iters": self.options.iters}

@@ -8,7 +8,6 @@ a recipe lists the step, e.g. ``recipe.with_steps(StepSpec("embeddings", {"bits"
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +46,6 @@ class EmbeddingQuant(Step):
 
     @torch.no_grad()
     def run(self, ctx: Context) -> dict[str, Any]:
-        t0 = time.perf_counter()
         opts: EmbeddingOptions = self.options
         spec = QuantSpec(opts.bits, opts.symmetric, "channel")
         swapped = quantize_embeddings(ctx.qmodel, spec, opts.include)
@@ -59,5 +57,4 @@ class EmbeddingQuant(Step):
         if swapped:
             ctx.report.notes.append(f"embeddings: {opts.bits}-bit weight-only, per row "
                                     f"({opts.range}): {', '.join(swapped)}")
-        return {"layers": list(swapped), "bits": opts.bits, "range": opts.range,
-                "seconds": time.perf_counter() - t0}
+        return {"layers": list(swapped), "bits": opts.bits, "range": opts.range}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +66,7 @@ class RangeInit(Step):
     Options = RangeOptions
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        t0 = time.perf_counter()
         init_weight_ranges(ctx, self.options)
         init_activation_ranges(ctx, self.options)
         return {"weights": self.options.weights, "activations": self.options.activations,
-                "available": sorted(RANGE_METHODS), "seconds": time.perf_counter() - t0}
+                "available": sorted(RANGE_METHODS)}

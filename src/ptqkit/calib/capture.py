@@ -7,8 +7,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .data import CalibrationData
+from .data import CalibrationData, real_tokens, token_mask_of
 
 __all__ = ["record_io", "collect_input_samples"]
 
@@ -40,7 +41,8 @@ def record_io(modules: Mapping[str, nn.Module], inputs: bool = True,
 @torch.no_grad()
 def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], data: CalibrationData,
                           max_samples: int = 1 << 20, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One pass over ``data``: a random subsample of every module's input values.
+    """One pass over ``data``: a random subsample of every module's input values. Padded token
+    positions of text batches (attention mask 0) are left out: they are not real inputs.
 
     Returns {name: 1-D tensor} of at most ``max_samples`` + 2 values per module; the exact minimum
     and maximum seen are always included, so min-max ranges from a sample are exact.
@@ -49,10 +51,13 @@ def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], da
     per_batch = max(1, max_samples // max(1, len(data)))
     parts: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
     handles = []
+    state: dict[str, torch.Tensor | None] = {}
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         def fn(mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1).float()
+            x = real_tokens(args[0].detach(), state.get("mask")).reshape(-1).float()
+            if x.numel() == 0:
+                return
             if x.numel() > per_batch:
                 idx = torch.randint(0, x.numel(), (per_batch,), generator=g)
                 parts[name] += [x[idx], x.min().reshape(1), x.max().reshape(1)]
@@ -63,7 +68,9 @@ def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], da
     for name, mod in modules.items():
         handles.append(mod.register_forward_pre_hook(hook(name)))
     try:
-        data.run_all(model, desc="activation statistics")
+        for batch in tqdm(data.batches, desc="activation statistics", leave=False, disable=None):
+            state["mask"] = token_mask_of(batch)
+            data.forward(model, batch)
     finally:
         for h in handles:
             h.remove()

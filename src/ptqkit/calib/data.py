@@ -9,9 +9,24 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["CalibrationData", "default_forward", "batch_size_of"]
+__all__ = ["CalibrationData", "default_forward", "batch_size_of", "token_mask_of", "real_tokens"]
 
 Batch = Any
+
+
+def token_mask_of(batch: Batch) -> torch.Tensor | None:
+    """The (N, T) attention mask of a Hugging Face style batch (a mapping with 'attention_mask'),
+    else None (images, plain tensors: every position is real)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a token-major activation x (N, T, ...) at real (unpadded) positions, as
+    (n_real, ...); x unchanged when there is no mask or x is not laid out as (N, T, ...)."""
+    if mask is None or x.dim() < 2 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(torch.bool)]
 
 
 def default_forward(model: nn.Module, batch: Batch) -> torch.Tensor:

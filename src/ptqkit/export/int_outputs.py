@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -377,7 +376,6 @@ class IntOutputs(Step):
     Options = IntOutputsOptions
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        t0 = time.perf_counter()
         try:
             sites, skipped = plan_int_tensors(ctx.qmodel)
         except ValueError as exc:
@@ -400,5 +398,4 @@ class IntOutputs(Step):
                    f"and stay float (ONNX Runtime runs them in float): {skipped}")
             log.info(msg)
             ctx.report.notes.append(msg)
-        return {"layers": convs, "tensors": outs, "skipped": skipped, "range": method,
-                "seconds": time.perf_counter() - t0}
+        return {"layers": convs, "tensors": outs, "skipped": skipped, "range": method}
