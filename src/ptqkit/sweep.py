@@ -399,7 +399,7 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--alternatives", type=int, default=SweepConfig.alternatives,
                    help="IP methods: measure the k best IP solutions on the calibration set and "
                    "keep the best measured (1 = the IP optimum only)")
-    s.add_argument("--refine-rounds", type=int, default=0,
+    s.add_argument("--refine-rounds", type=int, default=RefineOptions.rounds,
                    help="IP methods: context refinement rounds (re-measure each layer's options "
                    "inside the chosen configuration, re-solve, keep if the calibration loss "
                    "drops); 0 = the paper's IP")
