@@ -498,7 +498,7 @@ def _refine_round(session: Session, model: nn.Module, choice: list[int], best: f
     deltas, subset_loss, n_probes = _context_deltas(session, model, choice, sub, opts.neighbours)
     local = local_table(table, choice, deltas)
     rec: dict[str, Any] = {"subset_loss": subset_loss, "probes": n_probes, "attempts": [],
-                           "accepted": False}
+                           "accepted": False, **_interaction(table, choice, deltas)}
     limit: int | None = None
     for _ in range(opts.backtracks + 1):
         sol = solve_ip(local, budget, near=None if limit is None else (choice, limit))
@@ -517,6 +517,20 @@ def _refine_round(session: Session, model: nn.Module, choice: list[int], best: f
     if rec["attempts"]:
         session.apply(Solution(choice, "ip", "", {}, budget), model)
     return rec
+
+
+def _interaction(table: SensitivityTable, choice: list[int], deltas: np.ndarray) -> dict[str, float]:
+    """How the context deltas compare with the table's (float-context) deltas for the same moves:
+    the median ratio dL_c[l, o] / (dL[l, o] - dL[l, c_l]) over probes whose table delta is not ~0
+    (1 = additive; a uniform factor > 1 scales both sides of every trade and leaves the IP's
+    choice unchanged), and the most negative context delta (the best single move)."""
+    rows = np.arange(len(table.layers))
+    base = table.loss[rows, np.asarray(choice)][:, None]
+    additive = table.loss - base
+    probed = np.isfinite(deltas) & (np.abs(additive) > 1e-9)
+    ratio = float(np.median(deltas[probed] / additive[probed])) if probed.any() else float("nan")
+    best = float(np.nanmin(deltas)) if np.isfinite(deltas).any() else float("nan")
+    return {"delta_ratio_median": ratio, "best_single_move": best}
 
 
 def _context_deltas(session: Session, model: nn.Module, choice: list[int],
