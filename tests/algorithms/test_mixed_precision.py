@@ -416,3 +416,38 @@ def test_closed_loop_with_refinement(tiny: nn.Module, tiny_data) -> None:
         MixedPrecisionOptions(compression=0.2, refine_rounds=-1)
     with pytest.raises(ValueError, match="refine_neighbours"):
         MixedPrecisionOptions(compression=0.2, refine_neighbours="near")
+
+
+def test_context_deltas_equal_full_passes(tiny: nn.Module, tiny_data) -> None:
+    """The cached quantized prefix + suffix pass gives the same dL_c as stitching the switched
+    configuration and running the whole model (here with AdaQuant states: weights change too)."""
+    import copy
+
+    from ptqkit.algorithms.mixed_precision import _adaquant_tuner
+    from ptqkit.algorithms.sensitivity import measure_in_context
+
+    q = _prepared(tiny, tiny_data)
+    calib = CalibrationData(tiny_data)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    s = Session(q, calib, ref, "kl", _adaquant_tuner({}, 0, {"iters": 3, "eval_every": 1}))
+    opts = [(8, 8), (4, 4), (2, 2)]
+    s.measure(opts, {n: opts for n in quant_layers(q)})
+    choice = [1, 2, 0]
+    model = s.apply(ip.Solution(choice, "ip", "", {}, Budget("compression", 1.0)), copy.deepcopy(q))
+    layers, names = quant_layers(model), list(quant_layers(model))
+    current = {n: opts[c] for n, c in zip(names, choice)}
+
+    def switch(name, option):
+        s.put(layers[name], name, current[name] if option is None else option)
+
+    probes = {n: [o for o in opts if o != current[n]] for n in names}
+    base, deltas = measure_in_context(model, calib, ref, "kl", probes, switch)
+    assert base == pytest.approx(s.measured_loss(model), rel=1e-6)
+    for (name, option), d in deltas.items():
+        moved = list(choice)
+        moved[names.index(name)] = opts.index(option)
+        full = s.measured_loss(s.apply(ip.Solution(moved, "ip", "", {}, Budget("compression", 1.0)),
+                                       copy.deepcopy(q)))
+        assert d == pytest.approx(full - base, rel=1e-4, abs=1e-9), (name, option)
+    assert s.measured_loss(model) == base  # every layer switched back
