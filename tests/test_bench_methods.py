@@ -16,3 +16,12 @@ def test_aciq_methods_follow_banner_and_aciq_wa_clips_weights_too() -> None:
     r = METHODS["aciq-wa+bc"](cfg)
     assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("aciq", "aciq", ["bias_correction"])
     assert [s.name for s in METHODS["lapq"](cfg).steps] == ["lapq"]
+
+
+def test_seq_adaquant_start_point_methods() -> None:
+    cfg = BenchConfig(w_bits=4, a_bits=4)
+    r = METHODS["aciq+seq-adaquant"](cfg)
+    assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("minmax", "aciq", ["adaquant"])
+    r = METHODS["lapq+seq-adaquant"](cfg)
+    assert [s.name for s in r.steps] == ["lapq", "adaquant"]
+    assert dict(r.steps[1].options) == {} and (r.w_bits, r.a_bits) == (4, 4)  # sequential default
