@@ -197,3 +197,32 @@ def test_post_guard_undoes_a_step_that_hurts(tiny_suite: str, monkeypatch: pytes
     light, ip_row = guarded["light"], guarded["ip"]
     assert light["post"] == [] and light["post_steps"][0]["kept"] is False
     assert (light["kl"], light["calib_loss_after_post"]) == (ip_row["kl"], ip_row["measured_calib_loss"])
+
+
+def test_sweep_refinement_rows(tiny_suite: str, tmp_path) -> None:
+    """--refine-rounds: the IP methods refine in context (greedy rows do not); each row keeps the
+    rounds, its measured loss is the refined one and never above the unrefined IP's."""
+    from ptqkit.algorithms.mixed_precision import RefineOptions
+
+    base = sweep.SweepConfig(compressions=(0.1,), methods=("ip", "light", "greedy-accuracy"),
+                             candidates="w8a8,w4a4,w2a2", first_last_8bit=False, calib_size=64,
+                             refine=RefineOptions(rounds=0))
+    plain = {(r["method"], r.get("budget")): r for r in sweep.run_sweep(tiny_suite, base)}
+    cfg = dataclasses.replace(base, refine=RefineOptions(rounds=2, samples=32, neighbours="all"))
+    rows = {(r["method"], r.get("budget")): r for r in sweep.run_sweep(tiny_suite, cfg)}
+    for c in (0.1,):
+        ip_row, light = rows[("ip", c)], rows[("light", c)]
+        assert ip_row["refine"][0]["measured_loss"] == plain[("ip", c)]["measured_calib_loss"]
+        assert ip_row["measured_calib_loss"] == ip_row["refine"][-1]["measured_loss"]
+        assert ip_row["measured_calib_loss"] <= plain[("ip", c)]["measured_calib_loss"]
+        assert ip_row["compression"] <= c and ip_row["refine_options"]["rounds"] == 2
+        assert light["bits"] == ip_row["bits"]  # light stitches the refined IP choice
+        assert rows[("greedy-accuracy", c)]["refine"] == []
+    out = tmp_path / "rows.json"
+    assert cli.main(["sweep", "--suite", tiny_suite, "--compressions", "0.15", "--methods", "ip",
+                     "--calib-size", "32", "--refine-rounds", "1", "--refine-samples", "0",
+                     "--no-first-last-8bit",
+                     "--json", str(out)]) == 0
+    row = json.loads(out.read_text())[1]
+    assert row["refine_options"] == {"rounds": 1, "samples": None, "neighbours": "adjacent",
+                                     "backtracks": 2} and len(row["refine"]) == 2

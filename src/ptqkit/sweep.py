@@ -27,7 +27,13 @@ from . import bench
 from .algorithms import STEPS
 from .algorithms.base import Context, Report, options_from_dict
 from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable, Solution
-from .algorithms.mixed_precision import TUNERS, MixedPrecisionOptions, Session, allowed_options
+from .algorithms.mixed_precision import (
+    TUNERS,
+    MixedPrecisionOptions,
+    RefineOptions,
+    Session,
+    allowed_options,
+)
 from .calib.data import CalibrationData
 from .evaluate import compression_ratio
 from .nn.control import float_weights
@@ -74,6 +80,7 @@ class SweepConfig:
     table_dir: str | None = None
     alternatives: int = 4
     post_guard: bool = False
+    refine: RefineOptions = RefineOptions()
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in SWEEP_METHODS]
@@ -235,10 +242,10 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     key = (tuple(sol.choice), m.tuner, m.post)
     if key in seen:  # same configuration as an earlier point (e.g. all-8-bit): same numbers
         return {**seen[key], **row, "status": sol.status, "same_as": seen[key]["method"],
-                "alternatives": alts, "seconds": time.perf_counter() - t0}
+                "alternatives": alts, "refine": sol.refine, "refine_options": _refine_opts(m, cfg),
+                "seconds": time.perf_counter() - t0}
     expected = sol.predicted["loss"]
-    measured_ip = (min(a["measured_loss"] for a in alts) if alts  # the winner's, measured already
-                   else session.measured_loss(model))
+    measured_ip = sol.measured if sol.measured is not None else session.measured_loss(model)
     model, post = _post_steps(model, session, m.post, measured_ip, cfg)
     res = suite.evaluate(model)
     assert session.table is not None
@@ -250,9 +257,14 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
         "calib_loss_after_post": next((p["calib_loss"] for p in reversed(post) if p["kept"]),
                                       measured_ip),
         "post": [p["step"] for p in post if p["kept"]], "post_steps": post, "alternatives": alts,
+        "refine": sol.refine, "refine_options": _refine_opts(m, cfg),
         "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
+
+
+def _refine_opts(m: SweepMethod, cfg: SweepConfig) -> dict[str, Any] | None:
+    return dataclasses.asdict(cfg.refine) if m.solver == "ip" else None
 
 
 def _solve(session: Session, m: SweepMethod, c: float, cfg: SweepConfig, model: nn.Module,
@@ -262,7 +274,7 @@ def _solve(session: Session, m: SweepMethod, c: float, cfg: SweepConfig, model: 
     key = ("solved", m.tuner, m.solver, c)
     if key not in seen:
         seen[key] = session.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
-                                           model)
+                                           model, cfg.refine)
     else:
         session.apply(seen[key][0], model)
     return seen[key]  # type: ignore[no-any-return]
@@ -387,6 +399,15 @@ def add_sweep_parser(sub: Any) -> None:
     s.add_argument("--alternatives", type=int, default=SweepConfig.alternatives,
                    help="IP methods: measure the k best IP solutions on the calibration set and "
                    "keep the best measured (1 = the IP optimum only)")
+    s.add_argument("--refine-rounds", type=int, default=RefineOptions.rounds,
+                   help="IP methods: context refinement rounds (re-measure each layer's options "
+                   "inside the chosen configuration, re-solve, keep if the calibration loss "
+                   "drops); 0 = the paper's IP")
+    s.add_argument("--refine-samples", type=int, default=RefineOptions.samples,
+                   help="calibration samples for the refinement's re-measurement (0 = all)")
+    s.add_argument("--refine-neighbours", choices=("adjacent", "all"),
+                   default=RefineOptions.neighbours,
+                   help="options re-measured per layer: bits adjacent to the current ones, or all")
     s.add_argument("--plot", help="write the curve here (PNG)")
     s.add_argument("--json", help="write the rows as JSON here; rows already in it are kept and "
                    "their points skipped (resume)")
@@ -415,6 +436,8 @@ def cmd_sweep(args: Any) -> int:
                       calib_size=args.calib_size, seed=args.seed, data_dir=args.data_dir,
                       table_dir=args.tables, alternatives=args.alternatives,
                       post_guard=args.post_guard,
+                      refine=RefineOptions(args.refine_rounds, args.refine_samples or None,
+                                           args.refine_neighbours),
                       tuner_options={"adaquant": {"iters": args.adaquant_iters}}
                       if args.adaquant_iters else {})
     rows = _resume(args.json)

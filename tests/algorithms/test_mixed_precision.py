@@ -283,3 +283,171 @@ def test_cli_flags_set_the_budget() -> None:
     step = recipe_from_args(args).steps[0]
     assert step.name == "mixed_precision"
     assert dict(step.options) == {"max_drop": 0.5, "candidates": "relaxed"}
+
+
+# ------------------------------------------------------------------ context refinement
+def test_neighbour_mask_adjacent_and_all() -> None:
+    t = _table(np.zeros((2, 4)), [10, 10], options=[(8, 8), (4, 4), (3, 3), (2, 2)])
+    adj = ip.neighbour_mask(t, [1, 0], "adjacent")
+    # w4a4 -> w8a8 and w3a3 (one step in the sorted bits 2,3,4,8); w8a8 -> w4a4 only
+    assert adj.tolist() == [[True, False, True, False], [False, True, False, False]]
+    assert ip.neighbour_mask(t, [1, 0], "all").tolist() == [[True, False, True, True],
+                                                             [False, True, True, True]]
+    relaxed = _table(np.zeros((1, 49)), [10], options=ip.candidate_options("relaxed"))
+    grid = ip.neighbour_mask(relaxed, [relaxed.options.index((4, 4))], "adjacent")
+    assert sorted(relaxed.options[o] for o in np.nonzero(grid[0])[0]) == [
+        (3, 3), (3, 4), (3, 5), (4, 3), (4, 5), (5, 3), (5, 4), (5, 5)]
+    with pytest.raises(ValueError, match="adjacent"):
+        ip.neighbour_mask(t, [0, 0], "near")
+
+
+def test_local_table_and_trust_region() -> None:
+    t = _table([[0.0, 0.1], [0.0, 0.2], [0.0, 0.3]], [100, 100, 100])
+    budget = Budget("compression", (8 + 4 + 4) * 100 / (300 * 32))  # two layers at 4 bits
+    assert ip.solve_ip(t, budget).choice == [1, 1, 0]
+    # in context of [1, 1, 0]: raising l1 saves 0.5, lowering l2 costs 0.1 (l0 not measured)
+    local = ip.local_table(t, [1, 1, 0], np.array([[np.nan, np.nan], [-0.5, np.nan], [np.nan, 0.1]]))
+    assert local.allowed.tolist() == [[False, True], [True, True], [True, True]]
+    assert local.loss.tolist() == [[0.0, 0.0], [-0.5, 0.0], [0.0, 0.1]]
+    sol = ip.solve_ip(local, budget)
+    assert sol.choice == [1, 0, 1] and sol.predicted["loss"] == pytest.approx(-0.4)
+    # at most one change: raising l1 alone breaks the budget, lowering l2 alone costs 0.1: stay
+    assert ip.solve_ip(local, budget, near=([1, 1, 0], 1)).choice == [1, 1, 0]
+    loose = Budget("compression", 0.25)  # now raising l1 alone fits
+    assert ip.solve_ip(local, loose, near=([1, 1, 0], 1)).choice == [1, 0, 0]
+    assert ip.changed([1, 0, 1], [1, 1, 0]) == 2
+    with pytest.raises(ValueError, match="deltas must be"):
+        ip.local_table(t, [0, 0, 0], np.zeros((2, 2)))
+
+
+class Branches(nn.Module):
+    """out = a(x) + b(x) + c(x) with a and b identical: their weight-quantization errors are
+    identical and add coherently, so lowering both costs ~4x one of them (KL ~ quadratic in the
+    logit error), not the 2x the additive table predicts; c (30% larger weights, independent
+    errors) costs a bit more alone but combines additively."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(16, 10), nn.Linear(16, 10), nn.Linear(16, 10)
+        with torch.no_grad():
+            w = torch.randn(10, 16, generator=g) * 0.3
+            self.a.weight.copy_(w)
+            self.b.weight.copy_(w)
+            self.c.weight.copy_(torch.randn(10, 16, generator=g) * 0.39)
+            for m in (self.a, self.b, self.c):
+                m.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) + self.c(x)
+
+
+def _branches_session() -> tuple[nn.Module, Session]:
+    model = Branches().eval()
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    q = ptqkit.quantize(model, x, Recipe(first_last_8bit=False))
+    calib = CalibrationData(x, batch_size=64)
+    with torch.no_grad():
+        ref = [model(b) for b in calib]
+    s = Session(q, calib, ref, "kl", range_tuner())
+    s.measure([(8, 8), (2, 8)], {n: [(8, 8), (2, 8)] for n in quant_layers(q)})
+    return q, s
+
+
+TWO_LOW = Budget("compression", (8 + 2 + 2) / (3 * 32))  # any two of the three layers at 2 bits
+
+
+def test_refine_finds_the_interacting_pair() -> None:
+    from ptqkit.algorithms.mixed_precision import RefineOptions
+
+    q, s = _branches_session()
+    la, lb, lc = s.table.loss[:, 1]
+    assert la == lb < lc  # the table ranks a, b cheapest: the paper's IP lowers both
+    plain, _ = s.solve_measured(TWO_LOW, "ip")
+    assert plain.choice == [1, 1, 0]
+    coherent = s.measured_loss(q)
+    assert 3.5 * la < coherent < 4.5 * la  # measured ~4x one layer, predicted 2x
+    sol, _ = s.solve_measured(TWO_LOW, "ip", refine_opts=RefineOptions(rounds=3, samples=None))
+    assert sol.choice in ([1, 0, 1], [0, 1, 1]) and sol.predicted["compression"] <= TWO_LOW.value
+    assert sol.measured == s.measured_loss(q) < 0.7 * coherent  # model holds the refined choice
+    assert sol.measured == pytest.approx(la + lc, rel=0.15)  # independent errors: additive again
+    r0, r1 = sol.refine[0], sol.refine[1]
+    assert r0["measured_loss"] == coherent and r1["accepted"] and r1["attempts"][0]["changed"] == 2
+    assert not sol.refine[-1]["accepted"] and "refined in context" in sol.status
+
+
+def test_refine_rounds_zero_is_the_paper_ip(tiny: nn.Module, tiny_data) -> None:
+    cands = "w8a8,w4a4,w2a2"
+    q0 = ptqkit.quantize(tiny, tiny_data, _mp(compression=0.12, candidates=cands, refine_rounds=0))
+    q, s = _session(tiny, tiny_data)
+    s.measure(ip.candidate_options(cands), {n: ip.candidate_options(cands) for n in quant_layers(q)})
+    sol = ip.solve_ip(s.table, Budget("compression", 0.12))
+    s.apply(sol)
+    assert q0.report.steps[1]["bits"] == {n: f"w{w}a{a}" for n, (w, a) in sol.bits(s.table).items()}
+    assert q0.report.steps[1]["refine"] == []
+    torch.testing.assert_close(q0(tiny_data), q(tiny_data), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.12, 0.08])
+def test_refine_never_worse_with_alternatives(tiny: nn.Module, tiny_data, budget: float) -> None:
+    from ptqkit.algorithms.mixed_precision import RefineOptions
+
+    q, s = _session(tiny, tiny_data)
+    opts = [(8, 8), (4, 4), (3, 3), (2, 2)]
+    s.measure(opts, {n: opts for n in quant_layers(q)})
+    sol, alts = s.solve_measured(Budget("compression", budget), "ip", 3,
+                                 refine_opts=RefineOptions(rounds=3, samples=32, neighbours="all"))
+    start = min(a["measured_loss"] for a in alts)  # refinement starts from the measured-best
+    assert sol.refine[0]["measured_loss"] == start and sol.measured <= start
+    assert sol.predicted["compression"] <= budget + 1e-12
+    assert s.measured_loss(q) == sol.measured
+    accepted = [r["measured_loss"] for r in sol.refine if r["accepted"]]
+    assert accepted == sorted(accepted, reverse=True)  # each accepted round strictly lowers it
+
+
+def test_closed_loop_with_refinement(tiny: nn.Module, tiny_data) -> None:
+    q = ptqkit.quantize(tiny, tiny_data, _mp(max_drop=1e-4, loss_budget=1.0, candidates="w8a8,w2a2",
+                                             refine_rounds=2, refine_samples=None))
+    rounds = q.report.steps[1]["rounds"]
+    assert len(rounds) >= 2 and all(r["refine"] for r in rounds)
+    for r in rounds:  # refinement keeps the size and never raises the loss
+        assert r["refine"][-1]["measured_loss"] <= r["refine"][0]["measured_loss"]
+    with pytest.raises(ValueError, match="refine_rounds must be >= 0"):
+        MixedPrecisionOptions(compression=0.2, refine_rounds=-1)
+    with pytest.raises(ValueError, match="refine_neighbours"):
+        MixedPrecisionOptions(compression=0.2, refine_neighbours="near")
+
+
+def test_context_deltas_equal_full_passes(tiny: nn.Module, tiny_data) -> None:
+    """The cached quantized prefix + suffix pass gives the same dL_c as stitching the switched
+    configuration and running the whole model (here with AdaQuant states: weights change too)."""
+    import copy
+
+    from ptqkit.algorithms.mixed_precision import _adaquant_tuner
+    from ptqkit.algorithms.sensitivity import measure_in_context
+
+    q = _prepared(tiny, tiny_data)
+    calib = CalibrationData(tiny_data)
+    with torch.no_grad():
+        ref = [tiny(b) for b in calib]
+    s = Session(q, calib, ref, "kl", _adaquant_tuner({}, 0, {"iters": 3, "eval_every": 1}))
+    opts = [(8, 8), (4, 4), (2, 2)]
+    s.measure(opts, {n: opts for n in quant_layers(q)})
+    choice = [1, 2, 0]
+    model = s.apply(ip.Solution(choice, "ip", "", {}, Budget("compression", 1.0)), copy.deepcopy(q))
+    layers, names = quant_layers(model), list(quant_layers(model))
+    current = {n: opts[c] for n, c in zip(names, choice)}
+
+    def switch(name, option):
+        s.put(layers[name], name, current[name] if option is None else option)
+
+    probes = {n: [o for o in opts if o != current[n]] for n in names}
+    base, deltas = measure_in_context(model, calib, ref, "kl", probes, switch)
+    assert base == pytest.approx(s.measured_loss(model), rel=1e-6)
+    for (name, option), d in deltas.items():
+        moved = list(choice)
+        moved[names.index(name)] = opts.index(option)
+        full = s.measured_loss(s.apply(ip.Solution(moved, "ip", "", {}, Budget("compression", 1.0)),
+                                       copy.deepcopy(q)))
+        assert d == pytest.approx(full - base, rel=1e-4, abs=1e-9), (name, option)
+    assert s.measured_loss(model) == base  # every layer switched back

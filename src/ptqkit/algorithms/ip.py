@@ -29,7 +29,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = ["Option", "SensitivityTable", "Budget", "Solution", "InfeasibleBudgetError",
            "candidate_options", "solve_ip", "ip_alternatives", "greedy_accuracy", "greedy_compression",
-           "brute_force", "SOLVERS", "TABLE_VERSION"]
+           "brute_force", "SOLVERS", "TABLE_VERSION", "neighbour_mask", "local_table", "changed"]
 
 Option = tuple[int, int]  # (w_bits, a_bits)
 TABLE_VERSION = 1
@@ -203,6 +203,8 @@ class Solution:
     predicted: dict[str, float]
     budget: Budget
     seconds: float = 0.0
+    measured: float | None = None  # calibration loss of the stitched model, when measured
+    refine: list[dict[str, Any]] = field(default_factory=list)  # context-refinement rounds
 
     def bits(self, table: SensitivityTable) -> dict[str, Option]:
         return {n: table.options[i] for n, i in zip(table.layers, self.choice)}
@@ -215,7 +217,8 @@ def _check_feasible(table: SensitivityTable, budget: Budget) -> None:
 
 
 def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0,
-             exclude: Sequence[Sequence[int]] = ()) -> Solution:
+             exclude: Sequence[Sequence[int]] = (),
+             near: tuple[Sequence[int], int] | None = None) -> Solution:
     """Exact bit allocation with a MILP solver (HiGHS through scipy.optimize.milp).
 
     Binary I[l, o] over the allowed pairs, sum_o I[l, o] = 1 per layer (eq. 5d). With a
@@ -223,6 +226,8 @@ def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0,
     experiments). With a loss budget: maximise the gain (minimise size, or BOPs when
     ``table.meta['gain'] == 'bops'``) subject to sum dL <= budget (eq. 5a-5c). ``exclude``: choices
     cut off by no-good constraints sum_{l} I[l, choice_l] <= L - 1 (for the k best solutions).
+    ``near=(center, k)``: a trust region, at most k layers differ from ``center``
+    (sum_l I[l, center_l] >= L - k; used by the context refinement).
     """
     import time
 
@@ -245,6 +250,9 @@ def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0,
     for prev in exclude:
         taken = (np.asarray(prev)[rows] == cols).astype(float)
         constraints.append(LinearConstraint(taken[None, :], -np.inf, n_layers - 1))
+    if near is not None:
+        kept = (np.asarray(near[0])[rows] == cols).astype(float)
+        constraints.append(LinearConstraint(kept[None, :], n_layers - near[1], np.inf))
     res = milp(c / scale_c, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1),
                options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
     if res.x is None:
@@ -355,6 +363,58 @@ def brute_force(table: SensitivityTable, budget: Budget) -> Solution:
     if best is None:  # cannot happen after _check_feasible, but keep the error readable
         raise InfeasibleBudgetError(budget, table.extreme(budget.kind))
     return Solution(best[1], "brute-force", "optimal", table.evaluate(best[1]), budget)
+
+
+# ----------------------------------------------------------------------------- context refinement
+def changed(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of layers whose option differs between two choices."""
+    return int(sum(x != y for x, y in zip(a, b)))
+
+
+def neighbour_mask(table: SensitivityTable, choice: Sequence[int], mode: str) -> np.ndarray:
+    """(L, O) bool: the options the refinement re-measures for each layer, around ``choice``.
+
+    'all': every allowed option but the current one. 'adjacent': allowed options whose weight bits
+    and activation bits are each at most one step away from the current ones in the sorted bit
+    values of the candidate set (w8a8, w4a4, w3a3, w2a2: w4a4 -> w8a8 and w3a3; 2..8 x 2..8: the
+    8 neighbours of a grid point), i.e. a trust region in bit space: O(1) passes per layer even
+    with the 49 relaxed options.
+    """
+    if mode not in ("adjacent", "all"):
+        raise ValueError(f"neighbours must be 'adjacent' or 'all', got {mode!r}")
+    mask = table.allowed.copy()
+    mask[np.arange(len(table.layers)), np.asarray(choice)] = False
+    if mode == "all":
+        return mask
+    w_rank = {b: i for i, b in enumerate(sorted({o[0] for o in table.options}))}
+    a_rank = {b: i for i, b in enumerate(sorted({o[1] for o in table.options}))}
+    for k, c in enumerate(choice):
+        w0, a0 = table.options[c]
+        for j, (w, a) in enumerate(table.options):
+            if abs(w_rank[w] - w_rank[w0]) > 1 or abs(a_rank[a] - a_rank[a0]) > 1:
+                mask[k, j] = False
+    return mask
+
+
+def local_table(table: SensitivityTable, choice: Sequence[int], deltas: np.ndarray) -> SensitivityTable:
+    """The IP linearised around a configuration instead of around the float model.
+
+    ``deltas`` (L, O): dL_c[l, o] = L(c with layer l -> o) - L(c), measured with every other layer
+    at its option in ``c`` (NaN = not measured). The returned table has loss = dL_c, 0 at the
+    current option, and allows only the measured options and the current one, so sum_l dL_c[l, o_l]
+    predicts L(c') - L(c) for a nearby c' (first order around c rather than around float, the
+    Taylor argument of appendix C applied at c).
+    """
+    deltas = np.asarray(deltas, dtype=float)
+    if deltas.shape != table.loss.shape:
+        raise ValueError(f"deltas must be (layers, options) = {table.loss.shape}, got {deltas.shape}")
+    idx = (np.arange(len(table.layers)), np.asarray(choice))
+    allowed = table.allowed & np.isfinite(deltas)
+    allowed[idx] = True
+    loss = np.where(allowed, np.nan_to_num(deltas, nan=0.0), 0.0)
+    loss[idx] = 0.0
+    return SensitivityTable(list(table.layers), list(table.options), loss, table.params, table.macs,
+                            allowed, {**table.meta, "local_to": list(map(int, choice))})
 
 
 SOLVERS = {"ip": solve_ip, "greedy-accuracy": greedy_accuracy,

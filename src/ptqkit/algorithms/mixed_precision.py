@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..calib.data import CalibrationData
+from ..calib.data import CalibrationData, batch_size_of
 from ..nn.modules import QuantModule, quant_layers
 from ..ranges import get_range_method
 from .base import Context, Step, register_step
@@ -33,7 +34,11 @@ from .ip import (
     SensitivityTable,
     Solution,
     candidate_options,
+    changed,
     ip_alternatives,
+    local_table,
+    neighbour_mask,
+    solve_ip,
 )
 from .sensitivity import (
     LayerState,
@@ -41,16 +46,47 @@ from .sensitivity import (
     SuffixRunner,
     TableRequest,
     calib_loss,
+    measure_in_context,
     measure_table,
     restore,
     snapshot,
 )
 
 __all__ = ["MixedPrecisionOptions", "MixedPrecision", "Session", "range_tuner", "TUNERS",
-           "closed_loop"]
+           "closed_loop", "RefineOptions", "refine", "calib_subset"]
 
 log = logging.getLogger(__name__)
 STATES_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """Context refinement of an IP solution (beyond the paper; see :func:`refine`).
+
+    rounds: re-measure / re-solve rounds (0 = the paper's IP); a round that finds nothing better
+    on the calibration set ends the loop. Default 4: on the issue-5 sweeps (12 IP points) round 3
+    was still accepted twice, round 4 never; a round that finds nothing costs one re-measure.
+    samples: calibration samples for the re-measurement (None = all; the accept test always uses
+    the whole calibration set). neighbours: which options are re-measured per layer ('adjacent'
+    bits, or 'all'). backtracks: when the re-solved
+    configuration measures worse, re-solve with at most half as many layers changed (trust
+    region), this many times per round.
+    """
+
+    rounds: int = 4
+    samples: int | None = 256
+    neighbours: str = "adjacent"
+    backtracks: int = 2
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"refine_rounds must be >= 0 (0 = the paper's IP), got {self.rounds}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"refine_samples must be >= 1 or None (all), got {self.samples}")
+        if self.neighbours not in ("adjacent", "all"):
+            raise ValueError(f"refine_neighbours must be 'adjacent' or 'all', got {self.neighbours!r}")
+        if self.backtracks < 0:
+            raise ValueError(f"refine_backtracks must be >= 0, got {self.backtracks}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +99,9 @@ class MixedPrecisionOptions:
     follows the recipe's first/last 8-bit policy; fixed: layer patterns pinned to (w, a).
     tuner: how each candidate's layer state is made ('ranges', or 'adaquant' = parallel
     AdaQuant per bit width, with ``tuner_options`` passed to AdaQuantOptions).
-    load_table / save_table: JSON path of the sensitivity table."""
+    load_table / save_table: JSON path of the sensitivity table.
+    refine_rounds / refine_samples / refine_neighbours: context refinement of the IP solution
+    (see :class:`RefineOptions`; refine_rounds=0 is the paper's IP)."""
 
     candidates: str = "default"
     method: str = "ip"
@@ -81,10 +119,14 @@ class MixedPrecisionOptions:
     tuner_options: Mapping[str, Any] = field(default_factory=dict)
     load_table: str | None = None
     save_table: str | None = None
+    refine_rounds: int = RefineOptions.rounds
+    refine_samples: int | None = RefineOptions.samples
+    refine_neighbours: str = RefineOptions.neighbours
 
     def __post_init__(self) -> None:
         candidate_options(self.candidates)
         self.budget()
+        self.refine()
         if self.method not in SOLVERS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {sorted(SOLVERS)}")
         if self.gain not in ("compression", "bops"):
@@ -102,6 +144,9 @@ class MixedPrecisionOptions:
             if len(bits) != 2:
                 raise ValueError(f"fixed bits for {name!r} must be (w_bits, a_bits), got {bits!r}")
             candidate_options([bits])
+
+    def refine(self) -> RefineOptions:
+        return RefineOptions(self.refine_rounds, self.refine_samples, self.refine_neighbours)
 
     def budget(self) -> Budget:
         given = {k: v for k, v in (("compression", self.compression), ("bops", self.bops),
@@ -222,6 +267,7 @@ class Session:
         self.table: SensitivityTable | None = None
         self.states: dict[tuple[str, Option], LayerState] = {}
         self.originals = {n: snapshot(m) for n, m in quant_layers(model).items()}
+        self._runner: SuffixRunner | None = None
 
     def measure(self, options: list[Option], allowed: dict[str, list[Option]]) -> SensitivityTable:
         request = TableRequest(options, allowed, self.loss, self.tuner)
@@ -259,12 +305,21 @@ class Session:
         return SOLVERS[method](self.table, budget)
 
     def solve_measured(self, budget: Budget, method: str = "ip", alternatives: int = 1,
-                       model: nn.Module | None = None) -> tuple[Solution, list[dict[str, float]]]:
+                       model: nn.Module | None = None, refine_opts: RefineOptions | None = None,
+                       ) -> tuple[Solution, list[dict[str, float]]]:
         """With ``alternatives`` k > 1 and the IP: the k best IP solutions by predicted loss, each
         stitched into ``model`` and measured on the calibration set; the one with the lowest
         measured loss wins (additivity is approximate, so near-optimal configurations are ranked
-        by the real model). ``model`` is left holding the winner. Returns it and one record per
-        alternative (predicted and measured loss, compression)."""
+        by the real model). Then, with ``refine_opts.rounds`` > 0 and the IP, the winner is
+        refined in context (:func:`refine`). ``model`` is left holding the result. Returns it and
+        one record per alternative (predicted and measured loss, compression)."""
+        sol, records = self._alternatives(budget, method, alternatives, model)
+        if method == "ip" and refine_opts is not None and refine_opts.rounds > 0:
+            sol = refine(self, sol, self.model if model is None else model, refine_opts)
+        return sol, records
+
+    def _alternatives(self, budget: Budget, method: str, alternatives: int,
+                      model: nn.Module | None) -> tuple[Solution, list[dict[str, float]]]:
         if method != "ip" or alternatives <= 1:
             sol = self.solve(budget, method)
             self.apply(sol, model)
@@ -280,6 +335,7 @@ class Session:
                  [f"{r['predicted_loss']:.4g}" for r in records],
                  [f"{r['measured_loss']:.4g}" for r in records], best)
         self.apply(sols[best], model)
+        sols[best].measured = records[best]["measured_loss"]
         return sols[best], records
 
     def apply(self, solution: Solution, model: nn.Module | None = None) -> nn.Module:
@@ -287,17 +343,20 @@ class Session:
         model = self.model if model is None else model
         if self.table is None:
             raise RuntimeError("measure() or use_table() first")
-        bits = solution.bits(self.table)
-        runner: SuffixRunner | None = None
-        for name, option in bits.items():
-            if (name, option) not in self.states:  # table loaded from disk: tune this one now
-                runner = runner or SuffixRunner(self.model, self.calib)
-                self.states[(name, option)] = self._tune(runner, name, option)
         layers = quant_layers(model)
-        for name, option in bits.items():
-            restore(layers[name], self.originals[name])
-            restore(layers[name], self.states[(name, option)])
+        for name, option in solution.bits(self.table).items():
+            self.put(layers[name], name, option)
         return model
+
+    def put(self, layer: QuantModule, name: str, option: Option) -> None:
+        """Put layer ``name`` (a module of any copy of the session's model) in its tuned state for
+        ``option``; a state missing (table loaded from disk) is tuned now and kept."""
+        if (name, option) not in self.states:
+            if self._runner is None:
+                self._runner = SuffixRunner(self.model, self.calib)
+            self.states[(name, option)] = self._tune(self._runner, name, option)
+        restore(layer, self.originals[name])
+        restore(layer, self.states[(name, option)])
 
     @torch.no_grad()
     def _tune(self, runner: SuffixRunner, name: str, option: Option) -> LayerState:
@@ -337,10 +396,12 @@ def _labels(calib: CalibrationData, batch: Any) -> torch.Tensor:
 
 
 def closed_loop(session: Session, max_drop: float, start: Budget, method: str = "ip",
-                max_rounds: int = 4) -> tuple[Solution, list[dict[str, Any]]]:
-    """Solve eq. 5 with a loss budget, apply, measure the real drop; while it exceeds
-    ``max_drop`` (additivity failed), shrink the loss budget by the observed over-shoot and
-    re-solve. Returns the last solution applied and one record per round."""
+                max_rounds: int = 4, refine_opts: RefineOptions | None = None,
+                ) -> tuple[Solution, list[dict[str, Any]]]:
+    """Solve eq. 5 with a loss budget, apply (and, with ``refine_opts``, refine in context at the
+    solution's size), measure the real drop; while it exceeds ``max_drop`` (additivity failed),
+    shrink the loss budget by the observed over-shoot and re-solve. Returns the last solution
+    applied and one record per round."""
     budget, rounds = start, []
     assert session.table is not None
     for r in range(max_rounds):
@@ -349,9 +410,12 @@ def closed_loop(session: Session, max_drop: float, start: Budget, method: str = 
         except InfeasibleBudgetError as err:
             sol = session.solve(Budget("loss", err.smallest), method)
         session.apply(sol)
+        if method == "ip" and refine_opts is not None and refine_opts.rounds > 0:
+            sol = refine(session, sol, session.model, refine_opts)
         measured = session.drop(session.model)
         rounds.append({"round": r, "loss_budget": budget.value, "predicted_loss": sol.predicted["loss"],
-                       "measured_drop": measured, "compression": sol.predicted["compression"]})
+                       "measured_drop": measured, "compression": sol.predicted["compression"],
+                       "refine": sol.refine})
         log.info("closed loop round %d: budget %.4g, predicted %.4g, measured drop %.4g", r,
                  budget.value, sol.predicted["loss"], measured)
         if measured <= max_drop or budget.value <= session.table.extreme("loss"):
@@ -359,6 +423,137 @@ def closed_loop(session: Session, max_drop: float, start: Budget, method: str = 
         shrink = min(0.9, max(0.1, max_drop / max(measured, 1e-12)))
         budget = Budget("loss", max(session.table.extreme("loss"), sol.predicted["loss"] * shrink))
     return sol, rounds
+
+
+# ----------------------------------------------------------------------------- context refinement
+def calib_subset(calib: CalibrationData, float_out: list[torch.Tensor],
+                 n: int | None) -> tuple[CalibrationData, list[torch.Tensor]]:
+    """About ``n`` samples taken evenly from every batch (so a class-ordered loader still gives a
+    mixed subset), with the matching float outputs; the whole set when ``n`` is None or larger."""
+    if n is None or n >= calib.num_samples:
+        return calib, float_out
+    batches, refs = [], []
+    for b, ref in zip(calib, float_out):
+        k = max(1, round(batch_size_of(b) * n / calib.num_samples))
+        batches.append(CalibrationData([b], limit=k).batches[0])
+        refs.append(ref[:k])
+    return CalibrationData(batches, forward_fn=calib.forward_fn), refs
+
+
+def _refine_budget(table: SensitivityTable, sol: Solution) -> Budget:
+    """Refinement keeps the size: the same compression / BOPs budget, or for a loss budget (eq. 5)
+    the gain the solution reached (its loss is then lowered at no larger size)."""
+    if sol.budget.kind != "loss":
+        return sol.budget
+    kind = str(table.meta.get("gain", "compression"))
+    return Budget(kind, min(1.0, sol.predicted[kind] * (1 + 1e-9)))
+
+
+def refine(session: Session, solution: Solution, model: nn.Module, opts: RefineOptions) -> Solution:
+    """IP with layer interactions (beyond the paper): re-linearise around the current solution.
+
+    Each round measures dL_c[l, o] = L(c with l -> o) - L(c) for the neighbour options of every
+    layer with all other layers as chosen (:func:`~.sensitivity.measure_in_context`, on
+    ``opts.samples`` calibration samples), re-solves the IP on these local deltas under the same
+    budget, and accepts the new configuration only if its loss measured on the whole calibration
+    set is lower; if not, it re-solves with at most half as many layers changed (trust region,
+    ``opts.backtracks`` times). A round with nothing better stops the loop, so the result is never
+    worse on the calibration set than ``solution``. ``model`` must hold ``solution``; it is left
+    holding the result. The returned Solution's ``refine`` lists every round and attempt.
+    """
+    assert session.table is not None
+    t0 = time.perf_counter()
+    budget, sub = _refine_budget(session.table, solution), calib_subset(session.calib,
+                                                                        session.float_out, opts.samples)
+    choice = list(solution.choice)
+    best = solution.measured if solution.measured is not None else session.measured_loss(model)
+    rounds: list[dict[str, Any]] = [{"round": 0, "predicted_loss": solution.predicted["loss"],
+                                     "measured_loss": best, "accepted": True}]
+    for r in range(1, opts.rounds + 1):
+        rec = _refine_round(session, model, choice, best, budget, sub, opts)
+        rounds.append({"round": r, **{k: v for k, v in rec.items() if k != "choice"},
+                       "measured_loss": rec.get("measured_loss", best)})  # loss after the round
+        log.info("IP refinement round %d: %s", r, _round_text(rec, best))
+        if not rec["accepted"]:
+            break
+        choice, best = rec["choice"], rec["measured_loss"]
+    status = f"{solution.status}; refined in context ({sum(x['accepted'] for x in rounds[1:])} " \
+             f"of {len(rounds) - 1} rounds accepted)"
+    return Solution(choice, solution.method, status, session.table.evaluate(choice), solution.budget,
+                    solution.seconds + time.perf_counter() - t0, best, rounds)
+
+
+def _round_text(rec: dict[str, Any], best: float) -> str:
+    tries = ", ".join(f"{a['changed']} changed: predicted {a['predicted_loss']:.4g} measured "
+                      f"{a['measured_loss']:.4g}" for a in rec["attempts"])
+    return f"from {best:.4g}: {tries or 'no move predicted to help'}; accepted={rec['accepted']}"
+
+
+def _refine_round(session: Session, model: nn.Module, choice: list[int], best: float, budget: Budget,
+                  sub: tuple[CalibrationData, list[torch.Tensor]],
+                  opts: RefineOptions) -> dict[str, Any]:
+    """One re-measure / re-solve round; ``model`` holds ``choice`` again unless accepted."""
+    table = session.table
+    assert table is not None
+    deltas, subset_loss, n_probes = _context_deltas(session, model, choice, sub, opts.neighbours)
+    local = local_table(table, choice, deltas)
+    rec: dict[str, Any] = {"subset_loss": subset_loss, "probes": n_probes, "attempts": [],
+                           "accepted": False, **_interaction(table, choice, deltas)}
+    limit: int | None = None
+    for _ in range(opts.backtracks + 1):
+        sol = solve_ip(local, budget, near=None if limit is None else (choice, limit))
+        k = changed(sol.choice, choice)
+        if k == 0 or sol.predicted["loss"] >= 0.0:  # no move predicted to lower the loss
+            break
+        measured = session.measured_loss(session.apply(sol, model))
+        rec["attempts"].append({"changed": k, "predicted_loss": best + sol.predicted["loss"],
+                                "measured_loss": measured, "compression": sol.predicted["compression"],
+                                "additive_predicted": table.evaluate(sol.choice)["loss"]})
+        if measured < best:
+            return {**rec, "accepted": True, "choice": sol.choice, "measured_loss": measured}
+        limit = k // 2
+        if limit < 1:
+            break
+    if rec["attempts"]:
+        session.apply(Solution(choice, "ip", "", {}, budget), model)
+    return rec
+
+
+def _interaction(table: SensitivityTable, choice: list[int], deltas: np.ndarray) -> dict[str, float]:
+    """How the context deltas compare with the table's (float-context) deltas for the same moves:
+    the median ratio dL_c[l, o] / (dL[l, o] - dL[l, c_l]) over probes whose table delta is not ~0
+    (1 = additive; a uniform factor > 1 scales both sides of every trade and leaves the IP's
+    choice unchanged), and the most negative context delta (the best single move)."""
+    rows = np.arange(len(table.layers))
+    base = table.loss[rows, np.asarray(choice)][:, None]
+    additive = table.loss - base
+    probed = np.isfinite(deltas) & (np.abs(additive) > 1e-9)
+    ratio = float(np.median(deltas[probed] / additive[probed])) if probed.any() else float("nan")
+    best = float(np.nanmin(deltas)) if np.isfinite(deltas).any() else float("nan")
+    return {"delta_ratio_median": ratio, "best_single_move": best}
+
+
+def _context_deltas(session: Session, model: nn.Module, choice: list[int],
+                    sub: tuple[CalibrationData, list[torch.Tensor]],
+                    neighbours: str) -> tuple[np.ndarray, float, int]:
+    """(L, O) dL_c for the neighbour options (NaN elsewhere), L(c) on the subset, probe count."""
+    table = session.table
+    assert table is not None
+    mask = neighbour_mask(table, choice, neighbours)
+    layers = quant_layers(model)
+    current = {n: table.options[c] for n, c in zip(table.layers, choice)}
+    probes = {n: [table.options[o] for o in np.nonzero(mask[i])[0]] for i, n in enumerate(table.layers)}
+    order = [n for n in layers if n in probes]  # execution order of this model
+
+    def switch(name: str, option: Option | None) -> None:
+        session.put(layers[name], name, current[name] if option is None else option)
+
+    base, measured = measure_in_context(model, sub[0], sub[1], session.loss,
+                                        {n: probes[n] for n in order}, switch)
+    deltas = np.full(table.loss.shape, np.nan)
+    for (name, option), d in measured.items():
+        deltas[table.layers.index(name), table.options.index(option)] = d
+    return deltas, base, len(measured)
 
 
 # ----------------------------------------------------------------------------- the step
@@ -388,9 +583,11 @@ class MixedPrecision(Step):
         t_table = time.perf_counter() - t0
         rounds: list[dict[str, Any]] = []
         if o.max_drop is not None:
-            sol, rounds = closed_loop(session, o.max_drop, o.budget(), o.method, o.max_rounds)
+            sol, rounds = closed_loop(session, o.max_drop, o.budget(), o.method, o.max_rounds,
+                                      o.refine())
         else:
-            sol, alts = session.solve_measured(o.budget(), o.method, o.alternatives)
+            sol, alts = session.solve_measured(o.budget(), o.method, o.alternatives,
+                                               refine_opts=o.refine())
             rounds = [{"alternative": i, **r} for i, r in enumerate(alts)]
         return self._summary(session, sol, rounds, ctx, t_table)
 
@@ -408,5 +605,6 @@ class MixedPrecision(Step):
         return {"method": sol.method, "status": sol.status, "budget": vars(sol.budget),
                 "predicted": sol.predicted, "measured_loss": measured, "loss": session.loss,
                 "bits": {n: f"w{w}a{a}" for n, (w, a) in bits.items()}, "rounds": rounds,
+                "refine": sol.refine,
                 "solve_seconds": sol.seconds, "table_seconds": t_table,
                 "table": session.table.to_dict()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from ..nn.modules import QuantModule
 from .ip import Option, SensitivityTable
 
 __all__ = ["SuffixRunner", "LayerState", "snapshot", "restore", "OptionTuner", "calib_loss",
-           "measure_table", "TableRequest"]
+           "measure_table", "TableRequest", "measure_in_context", "Switch"]
 
 log = logging.getLogger(__name__)
 Frontier = list[dict[Any, torch.Tensor]]
@@ -88,14 +88,17 @@ class SuffixRunner:
                     del env[arg]
 
     @torch.no_grad()
-    def cache(self, layer: str) -> Frontier:
+    def cache(self, layer: str, quantized: bool = False) -> Frontier:
+        """The prefix values per batch: float (default; the table measures one layer against
+        float), or with the model's quantizers as they are (``quantized``: the context
+        refinement measures one layer switched inside the current configuration)."""
         node = self._split(layer)
         if node is None:
             return [{"batch": b} for b in self.calib]
         p = self.index[node]
         frontier = [n for n in self.nodes[:p] if self.last_use[n] >= p]
         out = []
-        with quantizers_disabled(self.model):
+        with nullcontext() if quantized else quantizers_disabled(self.model):
             for b in self.calib:
                 env: dict[Any, Any] = {self.placeholders[0]: _input_of(b)}
                 self._execute(0, p, env)
@@ -254,3 +257,39 @@ def _macs(model: nn.Module, layers: dict[str, QuantModule], calib: CalibrationDa
         calib.forward(model, batch)
     return [sum(layers[n].macs_per_sample(o.shape) for o in store.get(n + ":out", []))
             for n in layers]
+
+
+# switch(layer, option): put the layer in its state for ``option``; option None = back to the
+# state it has in the current configuration.
+Switch = Callable[[str, Option | None], None]
+
+
+@torch.no_grad()
+def measure_in_context(model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
+                       loss: str, probes: dict[str, list[Option]],
+                       switch: Switch) -> tuple[float, dict[tuple[str, Option], float]]:
+    """Loss changes of single-layer switches inside the current configuration of ``model``.
+
+    Returns L(c) and, for every (layer l, option o) in ``probes``, dL_c[l, o] = L(c with l -> o)
+    - L(c) with all other layers as they are (quantized). One prefix pass per layer with the
+    current quantizers (torch.fx split, as for the table), one suffix pass per option; the layer
+    is switched back in ``finally``. ``probes`` in execution order; layers absent are not probed.
+    """
+    runner = SuffixRunner(model, calib)
+    base = calib_loss(calib, float_out, (calib.forward(model, b) for b in calib), loss)
+    out: dict[tuple[str, Option], float] = {}
+    bar = tqdm(total=sum(map(len, probes.values())), desc="refine", disable=None, leave=False)
+    for name, options in probes.items():
+        if not options:
+            continue
+        frontier = runner.cache(name, quantized=True)
+        try:
+            for opt in options:
+                switch(name, opt)
+                out[(name, opt)] = calib_loss(calib, float_out, runner.run(name, frontier), loss) - base
+                bar.update(1)
+        finally:
+            switch(name, None)
+        del frontier
+    bar.close()
+    return base, out
