@@ -256,26 +256,28 @@ class BNTuning(Step):
     name = "bn_tuning"
     Options = BNTuningOptions
 
-    def _apply(self, ctx: Context, target: str) -> BNTuningHandle:
-        targets = float_moments(ctx.qmodel, ctx.calib, ctx.as_float()) \
-            if target == "float" else None
-        return tune_batchnorm(ctx.qmodel, ctx.calib, targets)
-
     def run(self, ctx: Context) -> dict[str, Any]:
         o: BNTuningOptions = self.options
-        guard = o.guard or o.target == "best"
-        before = calibration_kl(ctx) if guard else None
+        names = ("float", "bn") if o.target == "best" else (o.target,)
+        measure = o.guard or len(names) > 1
+        before = calibration_kl(ctx) if measure else None
+        targets = {t: float_moments(ctx.qmodel, ctx.calib, ctx.as_float()) if t == "float"
+                   else None for t in names}  # the float statistics are measured once
         tried: dict[str, float] = {}
-        if o.target == "best":
-            for t in ("float", "bn"):
-                h = self._apply(ctx, t)
-                tried[t] = calibration_kl(ctx)
-                h.undo()
-        choice = min(tried, key=tried.__getitem__) if tried else o.target
-        handle = self._apply(ctx, choice)  # deterministic: the KL is the one measured above
+        for t in names[:-1]:  # every target but the last is measured, then undone
+            h = tune_batchnorm(ctx.qmodel, ctx.calib, targets[t])
+            tried[t] = calibration_kl(ctx)
+            h.undo()
+        handle = tune_batchnorm(ctx.qmodel, ctx.calib, targets[names[-1]])
+        if measure:
+            tried[names[-1]] = calibration_kl(ctx)
+        choice = min(tried, key=tried.__getitem__) if tried else names[-1]
+        if choice != names[-1]:  # deterministic: its KL is the one measured above
+            handle.undo()
+            handle = tune_batchnorm(ctx.qmodel, ctx.calib, targets[choice])
         tuned = handle.layers
-        after = tried.get(choice, calibration_kl(ctx) if guard else None)
-        kept = before is None or after is None or after <= before or not o.guard
+        after = tried.get(choice)
+        kept = not o.guard or after is None or before is None or after <= before
         if not kept:
             log.info("BN tuning raised the calibration KL %.5f -> %.5f; undone", before, after)
             handle.undo()
@@ -283,4 +285,5 @@ class BNTuning(Step):
         for name in tuned:
             ctx.report.layer(name)["bn_tuned"] = kept
         return {"layers": len(tuned), "target": choice, "kl_before": before,
-                "kl_after": after, "kl_by_target": tried, "kept": kept}
+                "kl_after": after, "kl_by_target": tried if len(names) > 1 else {},
+                "kept": kept}
