@@ -28,16 +28,15 @@ VARIANTS = {
 }
 
 
-def main(suite: str, out: str, n: int = 1000, seed: int = 0) -> None:
+def compare(suite: str, out: str, recipes: dict[str, Recipe], n: int = 1000, seed: int = 0) -> None:
+    """Quantize with each recipe on N balanced train images, measure on N others, write rows."""
     torch.manual_seed(seed)
     x, y = load_split("train")
     idx = calibration_indices(y, per_class=-(-2 * n // 10), seed=seed)[: 2 * n]
     calib, held = idx[:n], idx[n:]
     model = load_model(suite)
     rows = []
-    for name, opts in VARIANTS.items():
-        recipe = Recipe(w_bits=4, a_bits=4, first_last_8bit=True, seed=seed).with_steps(
-            StepSpec("adaquant", opts))
+    for name, recipe in recipes.items():
         t0 = time.perf_counter()
         q = quantize(model, CalibrationData(x[calib], batch_size=100), recipe)
         sec = time.perf_counter() - t0
@@ -50,6 +49,12 @@ def main(suite: str, out: str, n: int = 1000, seed: int = 0) -> None:
         print(json.dumps(rows[-1]), flush=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
+
+
+def main(suite: str, out: str, n: int = 1000, seed: int = 0) -> None:
+    recipes = {name: Recipe(w_bits=4, a_bits=4, first_last_8bit=True, seed=seed).with_steps(
+        StepSpec("adaquant", opts)) for name, opts in VARIANTS.items()}
+    compare(suite, out, recipes, n, seed)
 
 
 if __name__ == "__main__":
