@@ -22,9 +22,13 @@ def _layer(bits: int = 4) -> tuple[QuantLinear, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         fl.weight.copy_(torch.randn(8, 16, generator=g) * 0.3)
     layer = QuantLinear(fl, QuantSpec(bits), QuantSpec(bits))
-    x = torch.relu(torch.randn(200, 16, generator=g))
+    return _minmax_ranges(layer, torch.relu(torch.randn(200, 16, generator=g)))
+
+
+def _minmax_ranges(layer: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Min-max ranges on the layer's weights (per channel) and on x; returns (layer, x, float y)."""
     with torch.no_grad():
-        w = layer.weight.reshape(8, -1)
+        w = layer.weight.reshape(layer.weight.shape[0], -1)
         layer.w_quant.set_range(w.min(1).values, w.max(1).values)
         layer.a_quant.set_range(x.min(), x.max())
         y = layer.op(x, layer.weight, layer.bias)
@@ -184,12 +188,7 @@ def _conv_layer(bits: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     fl = nn.Conv2d(4, 6, 3, padding=1)
     layer = QuantConv2d(fl, QuantSpec(bits), QuantSpec(bits))
     x = torch.relu(torch.randn(1, 4, 8, 8, generator=g))  # one "image": 64 positions, fan-in 36
-    with torch.no_grad():
-        w = layer.weight.reshape(6, -1)
-        layer.w_quant.set_range(w.min(1).values, w.max(1).values)
-        layer.a_quant.set_range(x.min(), x.max())
-        y = layer.op(x, layer.weight, layer.bias)
-    return layer, x, y
+    return _minmax_ranges(layer, x)
 
 
 @pytest.mark.parametrize(("n", "holdout", "kind"), [
