@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any, Callable
 
 import torch
 
@@ -28,8 +29,10 @@ VARIANTS = {
 }
 
 
-def compare(suite: str, out: str, recipes: dict[str, Recipe], n: int = 1000, seed: int = 0) -> None:
-    """Quantize with each recipe on N balanced train images, measure on N others, write rows."""
+def compare(suite: str, out: str, recipes: dict[str, Recipe], n: int = 1000, seed: int = 0,
+            extra: Callable[[torch.nn.Module], dict[str, Any]] | None = None) -> None:
+    """Quantize with each recipe on N balanced train images, measure on N others, write rows
+    (plus ``extra(quantized_model)`` when given)."""
     torch.manual_seed(seed)
     x, y = load_split("train")
     idx = calibration_indices(y, per_class=-(-2 * n // 10), seed=seed)[: 2 * n]
@@ -45,8 +48,9 @@ def compare(suite: str, out: str, recipes: dict[str, Recipe], n: int = 1000, see
         rows.append({"suite": suite, "variant": name, "n": n, "seed": seed, "seconds": sec,
                      "heldout_kl": res["kl"], "heldout_agreement": res["agreement"],
                      "heldout_top1": res["top1"], "heldout_fp32_top1": res["fp32_top1"],
-                     "calib_kl": fit["kl"], "calib_agreement": fit["agreement"]})
-        print(json.dumps(rows[-1]), flush=True)
+                     "calib_kl": fit["kl"], "calib_agreement": fit["agreement"],
+                     **(extra(q) if extra else {})})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
 
