@@ -1,9 +1,12 @@
 """Merge the calibration-size study's per-job JSON files into one row file, a mean/std summary and
 a plot per suite, plus a markdown table on stdout.
 
-Session 10 (held-out iterate selection in AdaQuant) re-ran the study into parts-s10/; those rows
-are the study. Session 9's parallel AdaQuant rows at n=1 (parts/, before the fix) are added under
-the method name "adaquant-s9" for comparison; session 9's other rows are superseded.
+Session 10 (held-out iterate selection in AdaQuant) re-ran the study into parts-s10/; session 11
+made sequential AdaQuant hold out 25% per layer at every calibration size and re-ran its rows
+for n >= 10 into parts-s11/ (at n=1 the rule was already engaged for every layer, so those rows
+stand). Superseded rows are kept for comparison under other method names: session 9's parallel
+AdaQuant at n=1 ("adaquant-s9", before the held-out fix) and session 10's seq-AdaQuant at n >= 10
+("seq-adaquant-s10", held-out selection only below the fan-in).
 
 usage: PYTHONPATH=src python results/issue4/make_study_summary.py
 """
@@ -30,30 +33,45 @@ def s9_rows(suite: str) -> list[dict[str, Any]]:
     return rows
 
 
+def study_rows(suite: str) -> list[dict[str, Any]]:
+    """The study's rows for one suite: parts-s10 and parts-s11, with the superseded ones renamed."""
+    s10 = merge_study(sorted(glob.glob(str(HERE / "parts-s10" / f"study-{suite}-n*.json"))))
+    s11 = merge_study(sorted(glob.glob(str(HERE / "parts-s11" / f"study-{suite}-n*.json"))))
+    redone = {(r["method"], r["calib_size"]) for r in s11}
+    for r in s10:
+        if (r["method"], r["calib_size"]) in redone:
+            r["method"] += "-s10"
+    return s10 + s11 + s9_rows(suite)
+
+
 def per_seed_lines(summary: list[dict[str, Any]]) -> list[str]:
+    """Per-seed top-1 differences: every AdaQuant variant against min-max, and seq-AdaQuant
+    against parallel AdaQuant and LAPQ (the issue's criteria), where both were run."""
     by = {(r["method"], r["calib_size"]): r["top1_per_seed"] for r in summary}
+    pairs = [(m, "minmax", size) for m, size in by if "adaquant" in m]
+    pairs += [("seq-adaquant", other, size) for m, size in by if m == "seq-adaquant"
+              for other in ("adaquant", "lapq")]
     lines = []
-    for (method, size), per_seed in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        if "adaquant" not in method or ("minmax", size) not in by:
+    for method, base, size in sorted(pairs, key=lambda p: (p[2], p[1], p[0])):
+        if (base, size) not in by:
             continue
-        mm = by[("minmax", size)]
-        diffs = [per_seed[s] - mm[s] for s in per_seed if s in mm]
+        per_seed, ref = by[(method, size)], by[(base, size)]
+        diffs = [per_seed[s] - ref[s] for s in per_seed if s in ref]
         wins = sum(d > 0 for d in diffs)
-        lines.append(f"size {size}: {method} - minmax per seed [{', '.join(f'{d:+.2f}' for d in diffs)}]"
+        lines.append(f"size {size}: {method} - {base} per seed [{', '.join(f'{d:+.2f}' for d in diffs)}]"
                      f", mean {sum(diffs) / max(len(diffs), 1):+.2f}, better on {wins}/{len(diffs)} seeds")
     return lines
 
 
 def main() -> None:
     for suite in ("fmnist-resnet20", "fmnist-mobilenetv2"):
-        parts = sorted(glob.glob(str(HERE / "parts-s10" / f"study-{suite}-n*.json")))
-        if not parts:
+        rows = study_rows(suite)
+        if not rows:
             continue
-        rows = merge_study(parts) + s9_rows(suite)
         summary = study_summary(rows)
         write_json(rows + [{"summary": summary}], HERE / f"calib-study-{suite}-w4a4.json")
         plot_study(summary, HERE / f"calib-study-{suite}-w4a4.png")
-        print(f"\n{suite} W4A4 ({len(parts)} job files, {len(rows)} rows)\n")
+        print(f"\n{suite} W4A4 ({len(rows)} rows)\n")
         print(markdown_table(summary, ("method", "calib_size", "seeds", "fp32_top1", "top1_mean",
                                        "top1_std")))
         print("\n".join(per_seed_lines(summary)))
