@@ -46,11 +46,11 @@ def study_rows(suite: str) -> list[dict[str, Any]]:
 
 def per_seed_lines(summary: list[dict[str, Any]]) -> list[str]:
     """Per-seed top-1 differences: every AdaQuant variant against min-max, and seq-AdaQuant
-    against parallel AdaQuant and LAPQ (the issue's criteria), where both were run."""
+    against parallel AdaQuant, MSE, ACIQ and LAPQ (the issue's criteria), where both were run."""
     by = {(r["method"], r["calib_size"]): r["top1_per_seed"] for r in summary}
     pairs = [(m, "minmax", size) for m, size in by if "adaquant" in m]
     pairs += [("seq-adaquant", other, size) for m, size in by if m == "seq-adaquant"
-              for other in ("adaquant", "lapq")]
+              for other in ("adaquant", "mse", "aciq", "lapq")]
     lines = []
     for method, base, size in sorted(pairs, key=lambda p: (p[2], p[1], p[0])):
         if (base, size) not in by:
@@ -60,6 +60,29 @@ def per_seed_lines(summary: list[dict[str, Any]]) -> list[str]:
         wins = sum(d > 0 for d in diffs)
         lines.append(f"size {size}: {method} - {base} per seed [{', '.join(f'{d:+.2f}' for d in diffs)}]"
                      f", mean {sum(diffs) / max(len(diffs), 1):+.2f}, better on {wins}/{len(diffs)} seeds")
+    return lines
+
+
+def closeness_lines(rows: list[dict[str, Any]], size: int = 1000) -> list[str]:
+    """Mean test KL to float and agreement per method at one calibration size, and on how many
+    seeds seq-AdaQuant is the closer of each pair (lower KL, higher agreement)."""
+    by: dict[str, dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if r["calib_size"] == size:
+            by.setdefault(r["method"], {})[int(r["seed"])] = r
+    seq = by.get("seq-adaquant", {})
+    lines = []
+    for method, per_seed in sorted(by.items()):
+        kl = sum(float(r["kl"]) for r in per_seed.values()) / len(per_seed)
+        agree = sum(float(r["agreement"]) for r in per_seed.values()) / len(per_seed)
+        line = f"size {size}: {method} mean KL {kl:.4f}, agreement {agree:.2f}%"
+        common = [s for s in per_seed if s in seq]
+        if method != "seq-adaquant" and common:
+            lower = sum(float(seq[s]["kl"]) < float(per_seed[s]["kl"]) for s in common)
+            higher = sum(float(seq[s]["agreement"]) > float(per_seed[s]["agreement"]) for s in common)
+            line += (f"; seq-adaquant lower KL on {lower}/{len(common)} seeds, higher agreement"
+                     f" on {higher}/{len(common)}")
+        lines.append(line)
     return lines
 
 
@@ -75,6 +98,7 @@ def main() -> None:
         print(markdown_table(summary, ("method", "calib_size", "seeds", "fp32_top1", "top1_mean",
                                        "top1_std")))
         print("\n".join(per_seed_lines(summary)))
+        print("\n".join(closeness_lines(rows)))
 
 
 if __name__ == "__main__":
