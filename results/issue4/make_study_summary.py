@@ -1,12 +1,12 @@
 """Merge the calibration-size study's per-job JSON files into one row file, a mean/std summary and
 a plot per suite, plus a markdown table on stdout.
 
-Session 10 (held-out iterate selection in AdaQuant) re-ran the study into parts-s10/; session 11
-made sequential AdaQuant hold out 25% per layer at every calibration size and re-ran its rows
-for n >= 10 into parts-s11/ (at n=1 the rule was already engaged for every layer, so those rows
-stand). Superseded rows are kept for comparison under other method names: session 9's parallel
-AdaQuant at n=1 ("adaquant-s9", before the held-out fix) and session 10's seq-AdaQuant at n >= 10
-("seq-adaquant-s10", held-out selection only below the fan-in).
+Session 10 (held-out iterate selection in AdaQuant) re-ran the study into parts-s10/; sessions 10
+and 11 filled in sizes 100 and 1000 there, and the range methods at 1000 (MSE and ACIQ in
+parts-s11/). Session 11 also ran seq-AdaQuant with ``holdout: always`` (a variant that was tried
+and not made the default; NOTES-s11.md) into parts-s11/: those rows are named
+"seq-adaquant-always". Session 9's parallel AdaQuant rows at n=1 (parts/, before the held-out
+fix) are added as "adaquant-s9" for comparison.
 
 usage: PYTHONPATH=src python results/issue4/make_study_summary.py
 """
@@ -34,13 +34,12 @@ def s9_rows(suite: str) -> list[dict[str, Any]]:
 
 
 def study_rows(suite: str) -> list[dict[str, Any]]:
-    """The study's rows for one suite: parts-s10 and parts-s11, with the superseded ones renamed."""
+    """The study's rows for one suite: parts-s10 and parts-s11, variants renamed."""
     s10 = merge_study(sorted(glob.glob(str(HERE / "parts-s10" / f"study-{suite}-n*.json"))))
     s11 = merge_study(sorted(glob.glob(str(HERE / "parts-s11" / f"study-{suite}-n*.json"))))
-    redone = {(r["method"], r["calib_size"]) for r in s11}
-    for r in s10:
-        if (r["method"], r["calib_size"]) in redone:
-            r["method"] += "-s10"
+    for r in s11:
+        if r["method"] == "seq-adaquant":
+            r["method"] = "seq-adaquant-always"
     return s10 + s11 + s9_rows(suite)
 
 

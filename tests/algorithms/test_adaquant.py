@@ -195,8 +195,8 @@ def _conv_layer(bits: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     (200, "auto", "parallel", "none"),        # 200 samples >= fan-in 16: plain rule
     (10, "auto", "parallel", "samples"),      # 10 < 16, enough samples to hold some out
     (3, "auto", "parallel", "frozen"),        # a linear layer on 3 samples: no positions to hold out
-    (200, "auto", "sequential", "samples"),   # sequential: held out whatever the size
-    (3, "auto", "sequential", "frozen"),
+    (200, "auto", "sequential", "none"),      # the same rule in both modes
+    (10, "auto", "sequential", "samples"),
     (10, "never", "sequential", "none"),
     (200, "always", "parallel", "samples"),
 ])

@@ -34,11 +34,11 @@ Held-out selection (``holdout``, session 10). With very little calibration data 
 independent constraints than parameters, and choosing the iterate on the data it was fitted to
 cannot see over-fitting: on fmnist-mobilenetv2 with ONE calibration image parallel AdaQuant made
 33-41 of 52 layers worse on held-out train images and the model worse than min-max
-(results/issue4/NOTES-s10.md). In parallel mode ``holdout="auto"`` (default) therefore holds out
-part of a layer's data whenever the calibration set has fewer samples than the layer has weights
-per output channel (its fan-in, C_in / groups * k^2: the number of unknowns of one output
-channel; every sample then brings less than one constraint per unknown once the correlation of
-positions within an image is allowed for). Engaged, the fit uses the rest and the iterate is chosen on the held-out part
+(results/issue4/NOTES-s10.md). ``holdout="auto"`` (default) therefore holds out part of a layer's
+data whenever the calibration set has fewer samples than the layer has weights per output channel
+(its fan-in, C_in / groups * k^2: the number of unknowns of one output channel; every sample then
+brings less than one constraint per unknown once the correlation of positions within an image is
+allowed for). Engaged, the fit uses the rest and the iterate is chosen on the held-out part
 (starting point included, and only iterates whose MSE over all cached data is <= the start's):
 
 * ``holdout_fraction`` of the samples, when the layer has at least ``MIN_HOLDOUT_SAMPLES`` (4);
@@ -57,20 +57,15 @@ target values per output channel (fit samples x output positions) than the layer
 paper's own over-fitting bound, appendix A: B >= C_in k^2 / (H W) - the weight offset is not
 learned (lr_weight 0), only the bias and the quantizer parameters (a handful per channel).
 
-In sequential mode ``"auto"`` engages it for every layer, whatever the calibration size (session
-11). There layer l also fits the error the quantized prefix made on the calibration images, and
-the layers after it fit what is left on the same images: with 1000 images seq-AdaQuant reached a
-lower KL to float on its own calibration images than on 1000 held-out train images (mobilenetv2
-0.0228 vs 0.0377, resnet20 0.0062 vs 0.0076), although each layer's MSE drop on held-out samples
-matched its drop on the fitted ones. Fitting every layer on its own random 75% and choosing the
-iterate on the rest lowered the held-out KL on both models (mobilenetv2 0.0377 -> 0.0323 and,
-second draw, 0.0305 -> 0.0278; resnet20 0.0076 -> 0.0064; results/issue4/NOTES-s11.md), at about
-1.5x the time (every check also scores the held-out part).
+The rule is off for every layer of the zoo models at 1000 images (largest fan-in: 640), so those
+results are bit-for-bit those of the plain best-iterate rule; ``holdout="never"`` restores it
+everywhere, ``"always"`` engages it for every layer.
 
-In parallel mode the rule is off for every layer of the zoo models at 1000 images (largest
-fan-in: 640), so those results are bit-for-bit those of the plain best-iterate rule;
-``holdout="never"`` restores that rule everywhere, ``"always"`` engages held-out selection for
-every layer.
+Tried and not made the default (session 11, results/issue4/NOTES-s11.md): ``"always"`` in
+sequential mode. With 1000 images seq-AdaQuant can reach a lower KL to float on its calibration
+images than on other train images, and holding out 25% per layer closed that gap on the first
+three draws tried, but over seven draws its effect on the held-out KL was mixed (mobilenetv2 -14,
+-9, -5, +2%; resnet20 -16, +27, -2%) at about 1.5x the time.
 """
 
 from __future__ import annotations
@@ -122,8 +117,8 @@ class AdaQuantOptions:
     relative step-size change and zero-point LSB per step for the weight / input quantizer.
     eval_every: steps between full-cache MSE checks that choose the best iterate.
     memory_budget_mb: activations of one layer kept in memory; the rest spills to ``spill_dir``.
-    holdout: "auto" (sequential mode: always; parallel mode: when samples < the layer's fan-in;
-    see the module docstring), "always" or "never"; holdout_fraction: share of samples / output positions held out;
+    holdout: "auto" (hold out data when samples < the layer's fan-in, see the module docstring),
+    "always" or "never"; holdout_fraction: share of samples / output positions held out;
     freeze_underdetermined: when held out, keep the weights (learn only bias and quantizer
     parameters) if the fit has fewer target values per output channel than the fan-in.
 
@@ -323,8 +318,7 @@ def _position_shape(layer: QuantModule, y: torch.Tensor) -> tuple[int, ...]:
 def _holdout_kind(layer: QuantModule, data: Sequence[Pair], opts: AdaQuantOptions) -> str:
     """"none", "samples", "positions" or "frozen" (the rule of the module docstring)."""
     n = _num_samples(data)
-    if opts.holdout == "never" or (opts.holdout == "auto" and opts.mode == "parallel"
-                                   and n >= layer.weight[0].numel()):
+    if opts.holdout == "never" or (opts.holdout == "auto" and n >= layer.weight[0].numel()):
         return "none"
     if n >= MIN_HOLDOUT_SAMPLES:
         return "samples"
