@@ -25,6 +25,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "seq/mse/holdout": ({}, {"holdout": "always"}),
     "seq/mse/no-weights": ({}, {"lr_weight": 0.0}),
     "seq/aciq/holdout": ({"w_range": "minmax", "a_range": "aciq"}, {"holdout": "always"}),
+    "seq/aciq": ({"w_range": "minmax", "a_range": "aciq"}, {}),
 }
 
 
