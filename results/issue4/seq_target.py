@@ -48,9 +48,9 @@ def compare(suite: str, out: str, recipes: dict[str, Recipe], n: int = 1000, see
         rows.append({"suite": suite, "variant": name, "n": n, "seed": seed, "seconds": sec,
                      "heldout_kl": res["kl"], "heldout_agreement": res["agreement"],
                      "heldout_top1": res["top1"], "heldout_fp32_top1": res["fp32_top1"],
-                     "calib_kl": fit["kl"], "calib_agreement": fit["agreement"],
-                     **(extra(q) if extra else {})})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
+                     "calib_kl": fit["kl"], "calib_agreement": fit["agreement"]})
+        print(json.dumps(rows[-1]), flush=True)
+        rows[-1].update(extra(q) if extra else {})  # stored, not printed
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)
 

@@ -191,19 +191,17 @@ def _conv_layer(bits: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return _minmax_ranges(layer, x)
 
 
-@pytest.mark.parametrize(("n", "holdout", "mode", "kind"), [
-    (200, "auto", "parallel", "none"),        # 200 samples >= fan-in 16: plain rule
-    (10, "auto", "parallel", "samples"),      # 10 < 16, enough samples to hold some out
-    (3, "auto", "parallel", "frozen"),        # a linear layer on 3 samples: no positions to hold out
-    (200, "auto", "sequential", "none"),      # the same rule in both modes
-    (10, "auto", "sequential", "samples"),
-    (10, "never", "sequential", "none"),
-    (200, "always", "parallel", "samples"),
+@pytest.mark.parametrize(("n", "holdout", "kind"), [
+    (200, "auto", "none"),      # 200 samples >= fan-in 16: plain rule
+    (10, "auto", "samples"),    # 10 < 16, enough samples to hold some out
+    (3, "auto", "frozen"),      # a linear layer on 3 samples has no positions to hold out
+    (10, "never", "none"),
+    (200, "always", "samples"),
 ])
-def test_holdout_rule(n: int, holdout: str, mode: str, kind: str) -> None:
+def test_holdout_rule(n: int, holdout: str, kind: str) -> None:
     layer, x, y = _layer()
-    opts = AdaQuantOptions(iters=10, eval_every=5, holdout=holdout, mode=mode)
-    assert adaquant_layer(layer, x[:n], y[:n], opts).holdout == kind
+    stats = adaquant_layer(layer, x[:n], y[:n], AdaQuantOptions(iters=10, eval_every=5, holdout=holdout))
+    assert stats.holdout == kind
 
 
 def test_holdout_positions_for_one_image_conv() -> None:
@@ -259,11 +257,11 @@ def test_frozen_layer_is_left_bit_exact() -> None:
         assert torch.equal(v, before[k]), k
 
 
-def test_parallel_auto_equals_never_when_samples_cover_the_fan_in() -> None:
+def test_auto_equals_never_when_samples_cover_the_fan_in() -> None:
     a, x, y = _layer()
     b = copy.deepcopy(a)
-    adaquant_layer(a, x, y, AdaQuantOptions(iters=30, eval_every=5, mode="parallel"))
-    adaquant_layer(b, x, y, AdaQuantOptions(iters=30, eval_every=5, mode="parallel", holdout="never"))
+    adaquant_layer(a, x, y, AdaQuantOptions(iters=30, eval_every=5))
+    adaquant_layer(b, x, y, AdaQuantOptions(iters=30, eval_every=5, holdout="never"))
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
 
