@@ -20,8 +20,13 @@ def test_aciq_methods_follow_banner_and_aciq_wa_clips_weights_too() -> None:
 
 def test_seq_adaquant_start_point_methods() -> None:
     cfg = BenchConfig(w_bits=4, a_bits=4)
-    r = METHODS["aciq+seq-adaquant"](cfg)
-    assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("minmax", "aciq", ["adaquant"])
+    # fixed starts: AdaQuant must not switch away from the ranges the method names
+    for name, ranges in (("mse+seq-adaquant", ("mse", "mse")), ("aciq+seq-adaquant", ("minmax", "aciq"))):
+        r = METHODS[name](cfg)
+        assert (r.w_range, r.a_range, [s.name for s in r.steps]) == (*ranges, ["adaquant"])
+        assert dict(r.steps[0].options) == {"start": "given"}
     r = METHODS["lapq+seq-adaquant"](cfg)
     assert [s.name for s in r.steps] == ["lapq", "adaquant"]
-    assert dict(r.steps[1].options) == {} and (r.w_bits, r.a_bits) == (4, 4)  # sequential default
+    assert dict(r.steps[1].options) == {"start": "given"} and (r.w_bits, r.a_bits) == (4, 4)
+    r = METHODS["seq-adaquant"](cfg)  # the default: sequential, start chosen by calibration KL
+    assert [s.name for s in r.steps] == ["adaquant"] and dict(r.steps[0].options) == {}

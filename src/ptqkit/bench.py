@@ -111,6 +111,8 @@ SUITES: dict[str, Callable[[BenchConfig], Suite]] = {
     "text-minilm": _text_suite,
 }
 
+_GIVEN_START = {"name": "adaquant", "options": {"start": "given"}}
+
 METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "minmax": lambda c: c.recipe(w_range="minmax", a_range="minmax"),
     "percentile": lambda c: c.recipe(w_range="percentile", a_range="percentile"),
@@ -119,11 +121,12 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "seq-adaquant": lambda c: c.recipe(steps=["adaquant"]),
     "seq-adaquant+bnt": lambda c: c.recipe(steps=["adaquant", "bn_tuning"]),
     "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
-    # seq-AdaQuant started from other clippings than the default MSE ranges (results/issue4/
-    # adaq_init.py: on held-out train images both start points beat MSE on mobilenetv2 W4A4)
-    "aciq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["adaquant"]),
+    # seq-AdaQuant from one fixed start (start: given); the default (start: best) picks the MSE or
+    # the ACIQ ranges by calibration KL (results/issue4/adaq_init.py, NOTES-s12.md)
+    "mse+seq-adaquant": lambda c: c.recipe(steps=[_GIVEN_START]),
+    "aciq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=[_GIVEN_START]),
     "lapq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="minmax",
-                                            steps=["lapq", "adaquant"]),
+                                            steps=["lapq", _GIVEN_START]),
     "light": lambda c: Recipe.preset("light", first_last_8bit=c.first_last_8bit, seed=c.seed),
     "advanced": lambda c: Recipe.preset("advanced", first_last_8bit=c.first_last_8bit, seed=c.seed),
     # Banner et al.: ACIQ clips the activations; weights stay per-channel min-max (with bit
@@ -184,7 +187,16 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
             "delta": _delta(res), "agreement": res["agreement"], "kl": res["kl"],
             "compression": compression_ratio(qmodel), "seconds": seconds,
             "cpu_seconds": cpu_seconds,
-            "peak_rss_mb": peak_rss_mb(), "recipe": recipe.to_dict(), **_extra_metrics(res)}
+            "peak_rss_mb": peak_rss_mb(), "recipe": recipe.to_dict(),
+            "choices": _step_choices(qmodel), **_extra_metrics(res)}
+
+
+def _step_choices(qmodel: Any) -> dict[str, dict[str, Any]]:
+    """What the steps chose from the data (AdaQuant's start ranges, LAPQ's initial point)."""
+    report = getattr(qmodel, "report", None)
+    steps = report.steps if report is not None else []
+    return {s["step"]: {k: s[k] for k in ("start", "init") if k in s}
+            for s in steps if "start" in s or "init" in s}
 
 
 def _extra_metrics(res: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from ptqkit.calib.data import CalibrationData
 from ptqkit.core.spec import QuantSpec
 from ptqkit.nn.control import quantizers_disabled
 from ptqkit.nn.modules import QuantLinear
+from ptqkit.algorithms.range_init import START_CANDIDATES
+from ptqkit.calib.loss import kl_to_float
 from ptqkit.pipeline import Recipe, StepSpec, quantize
 
 
@@ -280,3 +282,80 @@ def test_step_summary_counts_holdout_layers(tiny: nn.Module, tiny_data: torch.Te
     counts = q.report.steps[1]["holdout_layers"]
     assert sum(counts.values()) == 3 and counts["none"] == 0
     assert q.report.layers["fc"]["adaquant"]["holdout"] == "frozen"  # linear on 2 samples
+
+
+# --- start point chosen by calibration loss (session 12) ---------------------------------------
+
+def _states(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "_quant." in k}
+
+
+def _start_run(tiny: nn.Module, data: torch.Tensor, start: str = "best", **recipe_kw):  # type: ignore[no-untyped-def]
+    recipe = Recipe(w_bits=3, a_bits=3, first_last_8bit=False, **recipe_kw).with_steps(
+        StepSpec("adaquant", {"iters": 0, "start": start}))  # 0 iterations: layers stay as started
+    q = quantize(tiny, data, recipe)
+    return q, q.report.steps[1]
+
+
+def test_start_best_keeps_the_lowest_calibration_kl_ranges(tiny: nn.Module,
+                                                           tiny_data: torch.Tensor) -> None:
+    q, s = _start_run(tiny, tiny_data, w_range="minmax", a_range="minmax")
+    losses = s["start_losses"]
+    assert set(losses) == {"given", "mse", "aciq"}
+    assert s["start"] == min(losses, key=losses.get)
+    with torch.no_grad():  # the reported loss is the started model's real calibration KL
+        assert float(kl_to_float(tiny(tiny_data), q(tiny_data))) == pytest.approx(
+            losses[s["start"]], rel=1e-4)
+    w, a = {"given": ("minmax", "minmax"), **START_CANDIDATES}[s["start"]]
+    plain = quantize(tiny, tiny_data, Recipe(w_bits=3, a_bits=3, first_last_8bit=False,
+                                             w_range=w, a_range=a))
+    for k, v in _states(plain).items():  # exactly the ranges that recipe sets
+        assert torch.equal(_states(q)[k], v), k
+    assert q.report.layers["fc"]["w_range"] == w and q.report.layers["fc"]["a_range"] == a
+
+
+def test_start_candidates_equal_to_the_given_ranges_are_not_tried_again(
+        tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    _, s = _start_run(tiny, tiny_data, w_range="mse", a_range="mse")
+    assert set(s["start_losses"]) == {"given", "aciq"}
+
+
+@pytest.mark.parametrize("scripted, chosen, ranges", [
+    ([0.1, 0.5, 0.2], "given", ("minmax", "minmax")),  # given best: left bit-exact
+    ([1.0, 0.5, 2.0], "mse", ("mse", "mse")),
+    ([float("nan"), 0.5, 0.4], "aciq", ("minmax", "aciq")),  # a NaN loss is never chosen
+])
+def test_start_choice_follows_the_loss(tiny: nn.Module, tiny_data: torch.Tensor,
+                                       monkeypatch: pytest.MonkeyPatch, scripted: list[float],
+                                       chosen: str, ranges: tuple[str, str]) -> None:
+    values = iter(scripted)
+    monkeypatch.setattr(aq, "calibration_kl", lambda ctx: next(values))
+    q, s = _start_run(tiny, tiny_data, w_range="minmax", a_range="minmax")
+    assert s["start"] == chosen and len(s["start_losses"]) == 3
+    plain = quantize(tiny, tiny_data, Recipe(w_bits=3, a_bits=3, first_last_8bit=False,
+                                             w_range=ranges[0], a_range=ranges[1]))
+    for k, v in _states(plain).items():
+        assert torch.equal(_states(q)[k], v), k
+    assert (q.report.layers["conv1"]["w_range"], q.report.layers["conv1"]["a_range"]) == ranges
+
+
+def test_start_given_skips_the_choice(tiny: nn.Module, tiny_data: torch.Tensor,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aq, "calibration_kl", lambda ctx: pytest.fail("no loss evaluated"))
+    q, s = _start_run(tiny, tiny_data, start="given", w_range="minmax", a_range="minmax")
+    assert s["start"] == "given" and "start_losses" not in s
+    plain = quantize(tiny, tiny_data, Recipe(w_bits=3, a_bits=3, first_last_8bit=False,
+                                             w_range="minmax", a_range="minmax"))
+    for k, v in _states(plain).items():
+        assert torch.equal(_states(q)[k], v), k
+    with pytest.raises(ValueError, match="start must be one of best, given"):
+        AdaQuantOptions(start="mse")
+
+
+def test_start_best_falls_back_to_given_without_outputs_to_compare(
+        tiny: nn.Module, tiny_data: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
+    recipe = Recipe(w_bits=3, a_bits=3, first_last_8bit=False, w_range="minmax",
+                    a_range="minmax").with_steps(StepSpec("adaquant", {"iters": 0}))
+    q = quantize(tiny, tiny_data, recipe, forward_fn=lambda m, b: m(b) * 0)
+    assert q.report.steps[1]["start"] == "given" and "all zero" in caplog.text
+    assert q.report.layers["fc"]["a_range"] == "minmax"

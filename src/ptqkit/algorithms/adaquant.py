@@ -30,6 +30,18 @@ Parametrisation (decides what the learning rates mean; Adam moves each parameter
 The best iterate (by MSE over all cached samples, evaluated every ``eval_every`` steps and at
 the end; the starting point is a candidate) is written back, so MSE after <= MSE before.
 
+Start point (``start``, session 12). AdaQuant moves each step size only a little from where it
+starts (lr_w_qparams / lr_a_qparams are relative changes per step), so the starting ranges
+matter. With ``start="best"`` (default) the step first compares, by KL(float || quantized) of the
+model outputs on the calibration set, the ranges the model has (the recipe's) with the MSE ranges
+and the ACIQ ranges (min-max weights, ACIQ activations) and starts from the lowest - the same
+candidates as LAPQ's ``init="best"``. Why: on 1000 held-out train images, starting from ACIQ
+instead of MSE ranges lowered seq-AdaQuant's KL to float on fmnist-mobilenetv2 on 3 of 3
+calibration draws (0.0304 vs 0.0377, 0.0312 vs 0.0340, 0.0318 vs 0.0431) and on fmnist-resnet20
+on 2 of 3, while on MiniLM ACIQ ranges are far worse than MSE ones (78.70 vs 82.15 at W4A8), so
+no fixed range set suits every model (results/issue4/NOTES-init.md, NOTES-s11.md). The check
+costs one quantized pass over the calibration set per candidate. ``start="given"`` skips it.
+
 Held-out selection (``holdout``, session 10). With very little calibration data the fit has fewer
 independent constraints than parameters, and choosing the iterate on the data it was fitted to
 cannot see over-fitting: on fmnist-mobilenetv2 with ONE calibration image parallel AdaQuant made
@@ -93,7 +105,8 @@ from ..core.primitives import EPS, fake_quantize
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
-from .base import Context, Step, register_step
+from .base import Context, Step, calibration_kl, register_step
+from .range_init import choose_start_ranges
 
 __all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capture_layer_input",
            "collect_layer_io", "AdaQuant"]
@@ -103,6 +116,7 @@ log = logging.getLogger(__name__)
 Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
 TARGETS = ("float_model", "float_layer")
 HOLDOUTS = ("auto", "always", "never")
+STARTS = ("best", "given")
 MIN_HOLDOUT_SAMPLES = 4  # fewer samples: hold out output positions instead
 MIN_HOLDOUT_POSITIONS = 64  # fewer positions per sample too: nothing to validate on, layer kept
 
@@ -123,6 +137,9 @@ class AdaQuantOptions:
     "always" or "never"; holdout_fraction: share of samples / output positions held out;
     freeze_underdetermined: when held out, keep the weights (learn only bias and quantizer
     parameters) if the fit has fewer target values per output channel than the fan-in.
+    start: "best" (the step first keeps the model's ranges or switches to another range set,
+    whichever has the lower calibration KL; see the module docstring) or "given" (start from the
+    model's ranges as they are). Only the step uses it; ``adaquant_layer`` starts from the layer.
 
     Defaults: the paper's Adam learning rates translated to this parametrisation and checked on
     layer MSE of calibration data (fmnist-resnet20 proxy): lr_weight 1e-2 LSB, lr_bias 1e-3,
@@ -145,8 +162,11 @@ class AdaQuantOptions:
     holdout: str = "auto"
     holdout_fraction: float = 0.25
     freeze_underdetermined: bool = True
+    start: str = "best"
 
     def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"mode must be 'sequential' or 'parallel', got {self.mode!r}")
         if self.target not in TARGETS:
@@ -554,6 +574,7 @@ class AdaQuant(Step):
     def run(self, ctx: Context) -> dict[str, Any]:
         opts: AdaQuantOptions = self.options
         ctx.float_outputs()  # later steps need the float logits of the unchanged weights
+        start = self._choose_start(ctx) if opts.start == "best" else {"start": "given"}
         layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active or m.a_quant.active}
         gen = torch.Generator().manual_seed(ctx.seed)
         done: list[str] = []
@@ -572,7 +593,19 @@ class AdaQuant(Step):
                    "quantize() is untouched (ptqkit works on a copy)")
             log.warning(msg)
             raise KeyboardInterrupt(msg) from None
-        return self._summary(ctx, done, peak)
+        return {**start, **self._summary(ctx, done, peak)}
+
+    @staticmethod
+    def _choose_start(ctx: Context) -> dict[str, Any]:
+        if all(not bool(f.any()) for f in ctx.float_outputs()):
+            log.warning("AdaQuant start='best' needs the model's outputs to compare range sets, "
+                        "but the float outputs on the calibration set are all zero; starting from "
+                        "the given ranges")
+            return {"start": "given"}
+        info = choose_start_ranges(ctx, lambda: calibration_kl(ctx))
+        log.info("AdaQuant starts from the %s ranges (calibration KL %s)", info["start"],
+                 ", ".join(f"{k} {v:.4g}" for k, v in info["start_losses"].items()))
+        return info
 
     def _one_layer(self, ctx: Context, ref: nn.Module, name: str, gen: torch.Generator,
                    peak: dict[str, int]) -> LayerStats:

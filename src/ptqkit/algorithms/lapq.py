@@ -43,7 +43,7 @@ from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantModule
 from ..ranges.lp import lp_search_refined
 from .base import Context, Step, register_step
-from .range_init import RangeOptions, init_activation_ranges, init_weight_ranges
+from .range_init import START_CANDIDATES, RangeOptions, init_activation_ranges, init_weight_ranges
 
 __all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES", "INITS",
            "INIT_CANDIDATES"]
@@ -51,9 +51,9 @@ __all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "kl", "ce")
 INITS = ("best", "lp")
-# Tried besides Lp at p* when init='best': (weight method, activation method). ACIQ as in
-# Banner et al. (and ptqkit's "aciq" bench method): it clips activations, weights stay min-max.
-INIT_CANDIDATES: dict[str, tuple[str, str]] = {"mse": ("mse", "mse"), "aciq": ("minmax", "aciq")}
+# Tried besides Lp at p* when init='best': (weight method, activation method), the same range sets
+# AdaQuant's start='best' compares.
+INIT_CANDIDATES: dict[str, tuple[str, str]] = START_CANDIDATES
 Range = tuple[torch.Tensor, torch.Tensor]
 
 

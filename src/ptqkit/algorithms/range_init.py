@@ -1,7 +1,13 @@
-"""Range initialisation step: weights per channel, activations per tensor from one data pass."""
+"""Range initialisation step: weights per channel, activations per tensor from one data pass.
+
+Also the start-point choice of later steps (``choose_start_ranges``): the recipe's ranges or another
+range set, whichever has the lower calibration loss.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +18,13 @@ from ..nn.control import quantizers_disabled
 from ..ranges import RANGE_METHODS, get_range_method
 from .base import Context, Step, register_step
 
-__all__ = ["RangeOptions", "RangeInit", "init_weight_ranges", "init_activation_ranges"]
+__all__ = ["RangeOptions", "RangeInit", "init_weight_ranges", "init_activation_ranges",
+           "START_CANDIDATES", "choose_start_ranges"]
+
+# Range sets tried besides the recipe's own when a step chooses its start by calibration loss:
+# name -> (weight method, activation method). "aciq" as in Banner et al. (and ptqkit's "aciq" bench
+# method): it clips activations, weights stay min-max.
+START_CANDIDATES: dict[str, tuple[str, str]] = {"mse": ("mse", "mse"), "aciq": ("minmax", "aciq")}
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,65 @@ def init_activation_ranges(ctx: Context, opts: RangeOptions) -> None:
             lo, hi = fn(x, layer.a_quant.spec, **_options_for(opts.activations, opts))
             layer.a_quant.set_range(lo, hi)
             ctx.report.layer(name)["a_range"] = opts.activations
+
+
+QParams = dict[str, dict[str, torch.Tensor]]
+
+
+def _qparams(ctx: Context) -> QParams:
+    """Every quantizer's state (scale, zero-point, initialised flag), cloned."""
+    out: QParams = {}
+    for name, layer in ctx.layers().items():
+        for kind in ("w_quant", "a_quant"):
+            state = getattr(layer, kind).state_dict()
+            out[f"{name}.{kind}"] = {k: v.detach().clone() for k, v in state.items()}
+    return out
+
+
+def _load_qparams(ctx: Context, params: QParams) -> None:
+    for name, layer in ctx.layers().items():
+        for kind in ("w_quant", "a_quant"):
+            getattr(layer, kind).load_state_dict(params[f"{name}.{kind}"])
+
+
+def _same(a: QParams, b: QParams) -> bool:
+    return all(torch.equal(a[q][k], b[q][k]) for q in a for k in a[q])
+
+
+@torch.no_grad()
+def choose_start_ranges(ctx: Context, loss: Callable[[], float],
+                        candidates: dict[str, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Keep the quantizer ranges the model has now ("given": the recipe's, or an earlier step's)
+    or replace them by the ranges the "ranges" step sets with one of ``candidates`` (default
+    ``START_CANDIDATES``), whichever gives the lowest ``loss()`` (ties keep the given ones; a
+    candidate identical to them is not evaluated again). The choice is left applied, and the
+    report's w_range / a_range name it. Returns {"start": name, "start_losses": {name: loss}}."""
+    names = list(ctx.layers())
+    labels = lambda: {n: {k: ctx.report.layer(n).get(k) for k in ("w_range", "a_range")}  # noqa: E731
+                      for n in names}
+
+    def score() -> float:
+        value = float(loss())
+        return value if math.isfinite(value) else math.inf
+
+    given = _qparams(ctx)
+    losses, params, reported = {"given": score()}, {"given": given}, {"given": labels()}
+    for key, (w_method, a_method) in (START_CANDIDATES if candidates is None else candidates).items():
+        opts = RangeOptions(weights=w_method, activations=a_method)
+        init_weight_ranges(ctx, opts)
+        init_activation_ranges(ctx, opts)
+        cand = _qparams(ctx)
+        if not _same(cand, given):
+            params[key], losses[key], reported[key] = cand, score(), labels()
+    best = min(losses, key=lambda k: losses[k])
+    _load_qparams(ctx, params[best])
+    for n, info in reported[best].items():
+        for key, value in info.items():
+            if value is None:
+                ctx.report.layer(n).pop(key, None)
+            else:
+                ctx.report.layer(n)[key] = value
+    return {"start": best, "start_losses": losses}
 
 
 @register_step
