@@ -19,13 +19,18 @@ from seq_target import compare
 
 from ptqkit.pipeline import Recipe, StepSpec
 
+GIVEN = {"start": "given"}  # sessions 10-11 had no start choice: these variants keep their ranges
+ACIQ = {"w_range": "minmax", "a_range": "aciq"}
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # name: (recipe fields, adaquant options)
-    "seq/mse": ({}, {}),
-    "seq/mse/holdout": ({}, {"holdout": "always"}),
-    "seq/mse/no-weights": ({}, {"lr_weight": 0.0}),
-    "seq/aciq/holdout": ({"w_range": "minmax", "a_range": "aciq"}, {"holdout": "always"}),
-    "seq/aciq": ({"w_range": "minmax", "a_range": "aciq"}, {}),
+    "seq/mse": ({}, GIVEN),
+    "seq/mse/holdout": ({}, {**GIVEN, "holdout": "always"}),
+    "seq/mse/no-weights": ({}, {**GIVEN, "lr_weight": 0.0}),
+    "seq/aciq/holdout": (ACIQ, {**GIVEN, "holdout": "always"}),
+    "seq/aciq": (ACIQ, GIVEN),
+    # session 12: the start chosen by calibration KL (default), and with more iterations
+    "seq/best": ({}, {}),
+    "seq/best/iters300": ({}, {"iters": 300}),
 }
 
 

@@ -8,6 +8,11 @@ and not made the default; NOTES-s11.md) into parts-s11/: those rows are named
 "seq-adaquant-always". Session 9's parallel AdaQuant rows at n=1 (parts/, before the held-out
 fix) are added as "adaquant-s9" for comparison.
 
+Session 12 made AdaQuant choose its start ranges by calibration KL (``start: best``) and re-ran
+both modes into parts-s12/ under their bench names "adaquant" and "seq-adaquant". The earlier
+rows of those two methods started from the MSE ranges: they are renamed "mse+adaquant" and
+"mse+seq-adaquant" (the bench method of that name is the same computation).
+
 usage: PYTHONPATH=src python results/issue4/make_study_summary.py
 """
 
@@ -21,6 +26,7 @@ from typing import Any
 from ptqkit.bench import markdown_table, merge_study, plot_study, study_summary, write_json
 
 HERE = Path(__file__).parent
+PLOTTED = ("minmax", "adaquant", "seq-adaquant", "mse+seq-adaquant", "lapq", "aciq", "mse")
 
 
 def s9_rows(suite: str) -> list[dict[str, Any]]:
@@ -33,14 +39,20 @@ def s9_rows(suite: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _part(name: str, suite: str) -> list[dict[str, Any]]:
+    return merge_study(sorted(glob.glob(str(HERE / name / f"study-{suite}-*.json"))))
+
+
 def study_rows(suite: str) -> list[dict[str, Any]]:
-    """The study's rows for one suite: parts-s10 and parts-s11, variants renamed."""
-    s10 = merge_study(sorted(glob.glob(str(HERE / "parts-s10" / f"study-{suite}-n*.json"))))
-    s11 = merge_study(sorted(glob.glob(str(HERE / "parts-s11" / f"study-{suite}-n*.json"))))
+    """The study's rows for one suite: parts-s10, -s11 and -s12, earlier defaults renamed."""
+    s10, s11, s12 = _part("parts-s10", suite), _part("parts-s11", suite), _part("parts-s12", suite)
+    for r in s10:
+        if r["method"] in ("adaquant", "seq-adaquant"):
+            r["method"] = "mse+" + r["method"]
     for r in s11:
         if r["method"] == "seq-adaquant":
             r["method"] = "seq-adaquant-always"
-    return s10 + s11 + s9_rows(suite)
+    return s10 + s11 + s12 + s9_rows(suite)
 
 
 def per_seed_lines(summary: list[dict[str, Any]]) -> list[str]:
@@ -49,7 +61,8 @@ def per_seed_lines(summary: list[dict[str, Any]]) -> list[str]:
     by = {(r["method"], r["calib_size"]): r["top1_per_seed"] for r in summary}
     pairs = [(m, "minmax", size) for m, size in by if "adaquant" in m]
     pairs += [("seq-adaquant", other, size) for m, size in by if m == "seq-adaquant"
-              for other in ("adaquant", "mse", "aciq", "lapq")]
+              for other in ("adaquant", "mse", "aciq", "lapq", "mse+seq-adaquant")]
+    pairs += [("adaquant", "mse+adaquant", size) for m, size in by if m == "adaquant"]
     lines = []
     for method, base, size in sorted(pairs, key=lambda p: (p[2], p[1], p[0])):
         if (base, size) not in by:
@@ -92,7 +105,8 @@ def main() -> None:
             continue
         summary = study_summary(rows)
         write_json(rows + [{"summary": summary}], HERE / f"calib-study-{suite}-w4a4.json")
-        plot_study(summary, HERE / f"calib-study-{suite}-w4a4.png")
+        plot_study([r for r in summary if r["method"] in PLOTTED],
+                   HERE / f"calib-study-{suite}-w4a4.png")
         print(f"\n{suite} W4A4 ({len(rows)} rows)\n")
         print(markdown_table(summary, ("method", "calib_size", "seeds", "fp32_top1", "top1_mean",
                                        "top1_std")))
