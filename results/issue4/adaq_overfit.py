@@ -31,6 +31,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # session 12: the start chosen by calibration KL (default), and with more iterations
     "seq/best": ({}, {}),
     "seq/best/iters300": ({}, {"iters": 300}),
+    "par/mse": ({}, {**GIVEN, "mode": "parallel"}),
+    "par/aciq": (ACIQ, {**GIVEN, "mode": "parallel"}),
 }
 
 
