@@ -98,6 +98,34 @@ def closeness_lines(rows: list[dict[str, Any]], size: int = 1000) -> list[str]:
     return lines
 
 
+def ten_draw_lines(rows: list[dict[str, Any]], suite: str) -> list[str]:
+    """Session 12 added calibration draws 5-9 at 1000 images for seq-AdaQuant and the range
+    methods it is compared with (parts-s12-extra/, one bench run per seed): seq-AdaQuant minus
+    each of them per draw over all ten draws."""
+    extra = merge_study(sorted(glob.glob(str(HERE / "parts-s12-extra" / f"{suite}-seed*.json"))))
+    if not extra:
+        return []
+    by: dict[str, dict[int, float]] = {}
+    kl: dict[str, dict[int, float]] = {}
+    for r in [r for r in rows if r["calib_size"] == 1000] + extra:
+        by.setdefault(r["method"], {})[int(r["seed"])] = float(r["quant_top1"])
+        kl.setdefault(r["method"], {})[int(r["seed"])] = float(r["kl"])
+    seq, lines = by["seq-adaquant"], []
+    for other in sorted({r["method"] for r in extra} - {"seq-adaquant"}):
+        common = sorted(set(seq) & set(by[other]))
+        diffs = [seq[s] - by[other][s] for s in common]
+        mean = sum(diffs) / len(diffs)
+        std = (sum((d - mean) ** 2 for d in diffs) / max(len(diffs) - 1, 1)) ** 0.5
+        lines.append(f"{len(common)} draws: seq-adaquant {sum(seq[s] for s in common) / len(common):.2f}"
+                     f", {other} {sum(by[other][s] for s in common) / len(common):.2f}; difference"
+                     f" per draw [{', '.join(f'{d:+.2f}' for d in diffs)}], mean {mean:+.3f}"
+                     f" (std {std:.2f}), seq better on {sum(d > 0 for d in diffs)}/{len(diffs)};"
+                     f" mean KL {sum(kl['seq-adaquant'][s] for s in common) / len(common):.4f} vs"
+                     f" {sum(kl[other][s] for s in common) / len(common):.4f}, seq lower on"
+                     f" {sum(kl['seq-adaquant'][s] < kl[other][s] for s in common)}/{len(common)}")
+    return lines
+
+
 def main() -> None:
     for suite in ("fmnist-resnet20", "fmnist-mobilenetv2"):
         rows = study_rows(suite)
@@ -112,6 +140,7 @@ def main() -> None:
                                        "top1_std")))
         print("\n".join(per_seed_lines(summary)))
         print("\n".join(closeness_lines(rows)))
+        print("\n".join(ten_draw_lines(rows, suite)))
 
 
 if __name__ == "__main__":
