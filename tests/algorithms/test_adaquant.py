@@ -359,3 +359,18 @@ def test_start_best_falls_back_to_given_without_outputs_to_compare(
     q = quantize(tiny, tiny_data, recipe, forward_fn=lambda m, b: m(b) * 0)
     assert q.report.steps[1]["start"] == "given" and "all zero" in caplog.text
     assert q.report.layers["fc"]["a_range"] == "minmax"
+
+
+def test_start_best_keeps_the_ranges_an_earlier_step_set(tiny: nn.Module, tiny_data: torch.Tensor,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(aq, "calibration_kl", lambda ctx: pytest.fail("no loss evaluated"))
+    steps = (StepSpec("bias_correction"), StepSpec("adaquant", {"iters": 0}))
+    recipe = Recipe(w_bits=3, a_bits=3, first_last_8bit=False, w_range="minmax",
+                    a_range="aciq").with_steps(*steps)
+    q = quantize(tiny, tiny_data, recipe)
+    s = q.report.steps[2]
+    assert s["step"] == "adaquant" and s["start"] == "given"
+    assert s["start_kept_after"] == ["bias_correction"]
+    plain = quantize(tiny, tiny_data, recipe.with_steps(StepSpec("bias_correction")))
+    for k, v in _states(plain).items():  # bias correction's quantizer state survives
+        assert torch.equal(_states(q)[k], v), k

@@ -39,8 +39,13 @@ candidates as LAPQ's ``init="best"``. Why: on 1000 held-out train images, starti
 instead of MSE ranges lowered seq-AdaQuant's KL to float on fmnist-mobilenetv2 on 3 of 3
 calibration draws (0.0304 vs 0.0377, 0.0312 vs 0.0340, 0.0318 vs 0.0431) and on fmnist-resnet20
 on 2 of 3, while on MiniLM ACIQ ranges are far worse than MSE ones (78.70 vs 82.15 at W4A8), so
-no fixed range set suits every model (results/issue4/NOTES-init.md, NOTES-s11.md). The check
-costs one quantized pass over the calibration set per candidate. ``start="given"`` skips it.
+no fixed range set suits every model (results/issue4/NOTES-init.md, NOTES-s11.md). For parallel
+AdaQuant the held-out train images favoured the ACIQ start too (mobilenetv2 2 of 2 draws, resnet20
+1 of 2, the other a tie), though on the test split parallel AdaQuant on mobilenetv2 then scored
+0.57 points lower over five draws (results/issue4/NOTES-s12.md). The check costs one quantized pass
+over the calibration set per candidate. ``start="given"`` skips it, and so does a step that runs
+after any step other than the range initialisation (bias correction, bit allocation, LAPQ...):
+candidates set from scratch would discard that step's ranges.
 
 Held-out selection (``holdout``, session 10). With very little calibration data the fit has fewer
 independent constraints than parameters, and choosing the iterate on the data it was fitted to
@@ -117,6 +122,10 @@ Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
 TARGETS = ("float_model", "float_layer")
 HOLDOUTS = ("auto", "always", "never")
 STARTS = ("best", "given")
+# Steps after which the layers' quantizer ranges are still the "ranges" step's own. After any other
+# step (bias correction, bit allocation, LAPQ, ...) they carry that step's work, which candidate
+# ranges set from scratch would throw away, so start="best" then keeps the given ranges.
+RANGE_PRESERVING_STEPS = ("ranges", "embeddings")
 MIN_HOLDOUT_SAMPLES = 4  # fewer samples: hold out output positions instead
 MIN_HOLDOUT_POSITIONS = 64  # fewer positions per sample too: nothing to validate on, layer kept
 
@@ -138,8 +147,9 @@ class AdaQuantOptions:
     freeze_underdetermined: when held out, keep the weights (learn only bias and quantizer
     parameters) if the fit has fewer target values per output channel than the fan-in.
     start: "best" (the step first keeps the model's ranges or switches to another range set,
-    whichever has the lower calibration KL; see the module docstring) or "given" (start from the
-    model's ranges as they are). Only the step uses it; ``adaquant_layer`` starts from the layer.
+    whichever has the lower calibration KL; only right after range initialisation, see the module
+    docstring) or "given" (start from the model's ranges as they are). Only the step uses it;
+    ``adaquant_layer`` starts from the layer.
 
     Defaults: the paper's Adam learning rates translated to this parametrisation and checked on
     layer MSE of calibration data (fmnist-resnet20 proxy): lr_weight 1e-2 LSB, lr_bias 1e-3,
@@ -574,7 +584,15 @@ class AdaQuant(Step):
     def run(self, ctx: Context) -> dict[str, Any]:
         opts: AdaQuantOptions = self.options
         ctx.float_outputs()  # later steps need the float logits of the unchanged weights
-        start = self._choose_start(ctx) if opts.start == "best" else {"start": "given"}
+        earlier = [s["step"] for s in ctx.report.steps if s["step"] not in RANGE_PRESERVING_STEPS]
+        if opts.start == "given":
+            start: dict[str, Any] = {"start": "given"}
+        elif earlier:
+            log.info("AdaQuant starts from the ranges left by %s (start='best' only compares range "
+                     "sets right after range initialisation)", ", ".join(earlier))
+            start = {"start": "given", "start_kept_after": earlier}
+        else:
+            start = self._choose_start(ctx)
         layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active or m.a_quant.active}
         gen = torch.Generator().manual_seed(ctx.seed)
         done: list[str] = []

@@ -104,8 +104,9 @@ def choose_start_ranges(ctx: Context, loss: Callable[[], float],
     candidate identical to them is not evaluated again). The choice is left applied, and the
     report's w_range / a_range name it. Returns {"start": name, "start_losses": {name: loss}}."""
     names = list(ctx.layers())
-    labels = lambda: {n: {k: ctx.report.layer(n).get(k) for k in ("w_range", "a_range")}  # noqa: E731
-                      for n in names}
+
+    def labels() -> dict[str, dict[str, Any]]:
+        return {n: {k: ctx.report.layer(n).get(k) for k in ("w_range", "a_range")} for n in names}
 
     def score() -> float:
         value = float(loss())
