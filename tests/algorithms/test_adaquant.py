@@ -8,13 +8,13 @@ from torch import nn
 
 from ptqkit.algorithms import adaquant as aq
 from ptqkit.algorithms.adaquant import AdaQuantOptions, adaquant_layer, collect_layer_io, layer_mse
+from ptqkit.algorithms.range_init import START_CANDIDATES
 from ptqkit.calib.cache import ActivationCache
 from ptqkit.calib.data import CalibrationData
+from ptqkit.calib.loss import kl_to_float
 from ptqkit.core.spec import QuantSpec
 from ptqkit.nn.control import quantizers_disabled
 from ptqkit.nn.modules import QuantLinear
-from ptqkit.algorithms.range_init import START_CANDIDATES
-from ptqkit.calib.loss import kl_to_float
 from ptqkit.pipeline import Recipe, StepSpec, quantize
 
 

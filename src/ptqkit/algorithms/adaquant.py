@@ -42,10 +42,11 @@ on 2 of 3, while on MiniLM ACIQ ranges are far worse than MSE ones (78.70 vs 82.
 no fixed range set suits every model (results/issue4/NOTES-init.md, NOTES-s11.md). For parallel
 AdaQuant the held-out train images favoured the ACIQ start too (mobilenetv2 2 of 2 draws, resnet20
 1 of 2, the other a tie), though on the test split parallel AdaQuant on mobilenetv2 then scored
-0.57 points lower over five draws (results/issue4/NOTES-s12.md). The check costs one quantized pass
-over the calibration set per candidate. ``start="given"`` skips it, and so does a step that runs
-after any step other than the range initialisation (bias correction, bit allocation, LAPQ...):
-candidates set from scratch would discard that step's ranges.
+0.57 points lower over five draws (results/issue4/NOTES-s12.md). The check costs one float pass
+over the calibration set (activation statistics) plus one quantized pass per candidate.
+``start="given"`` skips it, and so does a step that runs after any step other than the range
+initialisation (bias correction, bit allocation, LAPQ...): candidates set from scratch would
+discard that step's ranges.
 
 Held-out selection (``holdout``, session 10). With very little calibration data the fit has fewer
 independent constraints than parameters, and choosing the iterate on the data it was fitted to
@@ -110,7 +111,7 @@ from ..core.primitives import EPS, fake_quantize
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
-from .base import Context, Step, calibration_kl, register_step
+from .base import Context, Step, all_zero, calibration_kl, register_step
 from .range_init import choose_start_ranges
 
 __all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capture_layer_input",
@@ -615,7 +616,7 @@ class AdaQuant(Step):
 
     @staticmethod
     def _choose_start(ctx: Context) -> dict[str, Any]:
-        if all(not bool(f.any()) for f in ctx.float_outputs()):
+        if all_zero(ctx.float_outputs()):
             log.warning("AdaQuant start='best' needs the model's outputs to compare range sets, "
                         "but the float outputs on the calibration set are all zero; starting from "
                         "the given ranges")

@@ -15,7 +15,8 @@ from ..calib.loss import kl_to_float
 from ..nn.control import float_weights, original_float
 from ..nn.modules import QuantModule, quant_layers
 
-__all__ = ["Step", "STEPS", "register_step", "Context", "Report", "NoOptions", "calibration_kl"]
+__all__ = ["Step", "STEPS", "register_step", "Context", "Report", "NoOptions", "all_zero",
+           "calibration_kl"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class Context:
                 self.cache["float_outputs"] = [self.calib.forward(self.qmodel, b)
                                                for b in self.calib]
         return self.cache["float_outputs"]
+
+
+def all_zero(outputs: list[torch.Tensor]) -> bool:
+    """True when every output tensor is all zeros (no logits to compare a quantized model on)."""
+    return all(not bool(o.any()) for o in outputs)
 
 
 @torch.no_grad()

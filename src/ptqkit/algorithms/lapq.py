@@ -42,7 +42,7 @@ from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantModule
 from ..ranges.lp import lp_search_refined
-from .base import Context, Step, register_step
+from .base import Context, Step, all_zero, register_step
 from .range_init import START_CANDIDATES, RangeOptions, init_activation_ranges, init_weight_ranges
 
 __all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES", "INITS",
@@ -154,7 +154,7 @@ class _BudgetExhausted(Exception):
 
 
 def _check_logits(float_outputs: list[torch.Tensor]) -> None:
-    if all(not bool(f.any()) for f in float_outputs):
+    if all_zero(float_outputs):
         raise ValueError("LAPQ needs a calibration loss, but the float model's outputs on the "
                          "calibration set are all zero; make the model (or forward_fn) return "
                          "its logits")

@@ -19,7 +19,7 @@ from ..ranges import RANGE_METHODS, get_range_method
 from .base import Context, Step, register_step
 
 __all__ = ["RangeOptions", "RangeInit", "init_weight_ranges", "init_activation_ranges",
-           "START_CANDIDATES", "choose_start_ranges"]
+           "float_input_samples", "START_CANDIDATES", "choose_start_ranges"]
 
 # Range sets tried besides the recipe's own when a step chooses its start by calibration loss:
 # name -> (weight method, activation method). "aciq" as in Banner et al. (and ptqkit's "aciq" bench
@@ -57,14 +57,22 @@ def init_weight_ranges(ctx: Context, opts: RangeOptions) -> None:
 
 
 @torch.no_grad()
-def init_activation_ranges(ctx: Context, opts: RangeOptions) -> None:
-    """Statistics of every layer input in a single pass over the calibration data, with all
-    quantizers off (float inputs), then one range per layer input."""
-    fn = get_range_method(opts.activations)
-    layers = ctx.layers()
+def float_input_samples(ctx: Context, max_samples: int) -> dict[str, torch.Tensor]:
+    """Samples of every layer's input in a single pass over the calibration data, with all
+    quantizers off (float inputs): they do not depend on the quantizers' current ranges."""
     with quantizers_disabled(ctx.qmodel):
-        samples = collect_input_samples(ctx.qmodel, layers, ctx.calib, opts.max_samples, ctx.seed)
-    for name, layer in layers.items():
+        return collect_input_samples(ctx.qmodel, ctx.layers(), ctx.calib, max_samples, ctx.seed)
+
+
+@torch.no_grad()
+def init_activation_ranges(ctx: Context, opts: RangeOptions,
+                           samples: dict[str, torch.Tensor] | None = None) -> None:
+    """One range per layer input from ``samples`` (default: ``float_input_samples``; pass them
+    to set several range methods from one data pass)."""
+    fn = get_range_method(opts.activations)
+    if samples is None:
+        samples = float_input_samples(ctx, opts.max_samples)
+    for name, layer in ctx.layers().items():
         if name in samples:
             x = samples[name].reshape(1, -1)
             lo, hi = fn(x, layer.a_quant.spec, **_options_for(opts.activations, opts))
@@ -114,10 +122,11 @@ def choose_start_ranges(ctx: Context, loss: Callable[[], float],
 
     given = _qparams(ctx)
     losses, params, reported = {"given": score()}, {"given": given}, {"given": labels()}
+    samples = float_input_samples(ctx, RangeOptions().max_samples)  # one pass for all candidates
     for key, (w_method, a_method) in (START_CANDIDATES if candidates is None else candidates).items():
         opts = RangeOptions(weights=w_method, activations=a_method)
         init_weight_ranges(ctx, opts)
-        init_activation_ranges(ctx, opts)
+        init_activation_ranges(ctx, opts, samples)
         cand = _qparams(ctx)
         if not _same(cand, given):
             params[key], losses[key], reported[key] = cand, score(), labels()
