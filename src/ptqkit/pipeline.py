@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,9 +187,27 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
         report.layer(name).update(w_bits=layer.w_bits, a_bits=layer.a_bits)
     for name, value in layer_sqnr(qmodel, data, reference=reference).items():
         report.layer(name)["sqnr_db"] = value
+    report.coverage = _coverage(qmodel, warn=recipe.w_bits < 16)
     report.steps.append({"step": "total", "seconds": time.perf_counter() - t0})
     qmodel.report = report  # type: ignore[assignment]
     return qmodel
+
+
+LOW_COVERAGE = 0.9  # quantize() warns when a smaller share of the model's MACs runs quantized
+
+
+class LowCoverageWarning(UserWarning):
+    """A large share of the model's MACs stays float (see ``Report.coverage``)."""
+
+
+def _coverage(qmodel: nn.Module, warn: bool) -> dict[str, Any]:
+    cov = qmodel.ptq.coverage(qmodel)
+    if warn and cov.fraction < LOW_COVERAGE:
+        warnings.warn(f"only {cov.describe()}; quantize those layers (include/exclude, "
+                      "supported types) or they run in float", LowCoverageWarning, stacklevel=3)
+    return {"fraction": cov.fraction, "quantized_macs": cov.quantized_macs,
+            "total_macs": cov.total_macs, "summary": cov.describe(),
+            "float_layers": [{"name": n, "macs": m, "reason": r} for n, m, r in cov.float_layers]}
 
 
 def layer_bits(qmodel: nn.Module) -> dict[str, tuple[int, int]]:

@@ -66,6 +66,8 @@ class Report:
     stays_float: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
+    # share of MACs run quantized: {"fraction", "quantized_macs", "total_macs", "float_layers"}
+    coverage: dict[str, Any] = field(default_factory=dict)
 
     def layer(self, name: str) -> dict[str, Any]:
         return self.layers.setdefault(name, {})
@@ -81,6 +83,8 @@ class Report:
         line = lambda r: "  ".join(v.ljust(w) for v, w in zip(r, widths))  # noqa: E731
         out = [line(cols), line(["-" * w for w in widths])] + [line(r) for r in rows]
         out += [f"step {s['step']}: {s.get('seconds', 0):.1f}s" for s in self.steps]
+        if self.coverage:
+            out.append(f"coverage: {self.coverage['summary']}")
         if self.stays_float:
             out.append("stays float: " + ", ".join(self.stays_float))
         out += [f"note: {n}" for n in self.notes]

@@ -225,7 +225,7 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
 
     qmodel = copy.deepcopy(model).eval()
     state = PTQState()
-    folded = _fold_all(qmodel, state)
+    folded = _fold_all(qmodel, state, {})
     mods = dict(qmodel.named_modules())
     problems = []
     for name, entry in _entries(meta).items():

@@ -16,9 +16,11 @@ from torch import nn
 
 from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
+from .custom import OpOverride, OpRecord, has_own_forward, registered_base
 
 __all__ = ["FoldedBN", "QuantModule", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantEmbedding",
-           "REGISTRY", "register", "quant_layers"]
+           "QuantCustomConv1d", "QuantCustomConv2d", "QuantCustomLinear", "REGISTRY", "register",
+           "quant_layers", "quant_class_for"]
 
 REGISTRY: dict[type[nn.Module], type[QuantModule]] = {}
 
@@ -102,7 +104,7 @@ class _QuantConvNd(QuantModule):
 
     def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
         super().__init__(fl, w_spec, a_spec)
-        if fl.padding_mode != "zeros":  # type: ignore[attr-defined]
+        if fl.padding_mode != "zeros" and not isinstance(self, _CustomForward):  # type: ignore[attr-defined]
             raise ValueError(f"padding_mode={fl.padding_mode!r} is not supported (zeros only)")
         self.stride = fl.stride
         self.padding = fl.padding
@@ -144,6 +146,69 @@ class QuantLinear(QuantModule):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _CustomForward(QuantModule):
+    """A quantized layer that keeps a user subclass's own forward (see ``nn/custom.py``).
+
+    y = inner.forward(x) with its conv/linear op rewritten to op(x', w, b); ``inner`` is the
+    original module, whose ``weight`` / ``bias`` become non-persistent buffers (its forward may
+    still read their shapes). ``record`` is what the probe pass saw the op receive: the weight
+    and bias the op really used become this layer's float ``weight`` / ``bias``.
+    """
+
+    def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec, record: OpRecord) -> None:
+        super().__init__(fl, w_spec, a_spec)
+        assert record.weight is not None  # checked by record.problem() before construction
+        with torch.no_grad():
+            if not record.weight_is_param:  # e.g. weight standardisation: the op's real weight
+                self.weight = nn.Parameter(record.weight.clone())
+            if not record.bias_is_param:
+                b = record.bias
+                self.bias = nn.Parameter(b.clone()) if b is not None else None
+        for pname in ("weight", "bias"):
+            p = fl._parameters.get(pname)
+            if p is not None:
+                del fl._parameters[pname]
+                fl.register_buffer(pname, p.detach(), persistent=False)
+        self.inner = fl
+        self.output_is_op = record.output_is_op
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        with OpOverride(w, b):
+            return self.inner(x)
+
+
+class QuantCustomConv1d(_CustomForward, QuantConv1d):
+    """QuantConv1d that runs a Conv1d subclass's own forward."""
+
+
+class QuantCustomConv2d(_CustomForward, QuantConv2d):
+    """QuantConv2d that runs a Conv2d subclass's own forward (e.g. TF-style 'same' padding)."""
+
+
+class QuantCustomLinear(_CustomForward, QuantLinear):
+    """QuantLinear that runs a Linear subclass's own forward."""
+
+
+_CUSTOM: dict[type[nn.Module], type[QuantModule]] = {
+    nn.Conv1d: QuantCustomConv1d, nn.Conv2d: QuantCustomConv2d, nn.Linear: QuantCustomLinear}
+
+
+def quant_class_for(mod: nn.Module) -> tuple[type[QuantModule] | None, bool]:
+    """(quantized class, needs the custom-forward path) for a float module.
+
+    Exact registered types map to their quantized type. A subclass without a forward of its own
+    maps to its registered base's type; one with its own forward, or a conv with a padding mode
+    other than zeros, takes the custom-forward path that keeps its forward.
+    """
+    base = registered_base(type(mod), REGISTRY)
+    if base is None:
+        return None, False
+    custom = has_own_forward(mod, base) or getattr(mod, "padding_mode", "zeros") != "zeros"
+    if custom:
+        return (_CUSTOM.get(base), True) if base in _CUSTOM else (None, False)
+    return REGISTRY[base], False
 
 
 class QuantEmbedding(nn.Module):

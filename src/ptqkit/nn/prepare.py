@@ -15,7 +15,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.spec import QuantSpec
-from .modules import REGISTRY, FoldedBN, QuantEmbedding, QuantModule, quant_layers
+from .coverage import Coverage, MacCounter, coverage
+from .custom import OpRecord, probe_custom_layers
+from .modules import FoldedBN, QuantEmbedding, QuantModule, quant_class_for, quant_layers
 
 __all__ = ["LayerPolicy", "PTQState", "prepare", "find_conv_bn_pairs", "set_module",
            "record_layer_order", "apply_bit_policy", "FloatMatmulCounter", "quantize_embeddings"]
@@ -60,6 +62,14 @@ class PTQState:
     folded: dict[str, str] = field(default_factory=dict)  # conv name -> bn name
     bn_unfolded_reason: str | None = None
     stays_float: list[str] = field(default_factory=list)  # leaf modules not quantized
+    unfolded: dict[str, str] = field(default_factory=dict)  # bn name -> why it was not folded
+    float_reasons: dict[str, str] = field(default_factory=dict)  # conv/linear name -> why float
+    macs: dict[str, int] = field(default_factory=dict)  # conv/linear name -> MACs in one batch
+    matmul_macs: int = 0  # float activation x activation MACs in the same batch
+
+    def coverage(self, model: nn.Module) -> Coverage:
+        """Share of MACs in quantized layers, with the biggest float layers and why."""
+        return coverage(model, self.macs, self.matmul_macs, self.float_reasons)
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -68,27 +78,71 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def find_conv_bn_pairs(model: nn.Module) -> tuple[dict[str, str], str | None]:
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps every module ptqkit can quantize (subclasses too) as one node."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return quant_class_for(m)[0] is not None or super().is_leaf_module(m, qualname)
+
+
+def _bn_problem(bn: nn.Module) -> str | None:
+    if bn.running_mean is None or bn.running_var is None:
+        return "it has no running statistics (track_running_stats=False): it normalises each batch"
+    return None
+
+
+def find_conv_bn_pairs(model: nn.Module,
+                       records: Mapping[str, OpRecord] | None = None,
+                       ) -> tuple[dict[str, str], str | None, dict[str, str]]:
     """conv -> bn module-name pairs where BN directly and only consumes the conv output.
 
-    Returns (pairs, reason); reason says why none could be found when torch.fx cannot trace.
+    A pair folds only when the conv and the BN each run once per forward, the conv's output
+    feeds nothing else, the BN has running statistics, and a custom conv forward (``records``)
+    is linear in the conv's own weight. Returns (pairs, reason, unfolded): ``reason`` says why no
+    pair could be found when torch.fx cannot trace; ``unfolded`` maps each BN after a conv that
+    was left unfolded to why.
     """
     if not any(isinstance(m, _BN) for m in model.modules()):
-        return {}, None
+        return {}, None, {}
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many exception types on untraceable code
-        return {}, f"torch.fx could not trace the model ({type(exc).__name__}: {exc})".split("\n")[0]
+        msg = f"torch.fx could not trace the model ({type(exc).__name__}: {exc})".split("\n")[0]
+        return {}, msg, {}
     mods = dict(model.named_modules())
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            uses[str(node.target)] = uses.get(str(node.target), 0) + 1
     pairs: dict[str, str] = {}
+    unfolded: dict[str, str] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(mods.get(node.target), _BN):
             continue
         src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(mods.get(src.target), _CONV) and len(src.users) == 1):
-            pairs[str(src.target)] = str(node.target)
-    return pairs, None
+        if not (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(mods.get(src.target), _CONV)):
+            continue
+        conv, bn = str(src.target), str(node.target)
+        why = _pair_problem(conv, bn, len(src.users), uses, mods[bn], (records or {}).get(conv))
+        if why:
+            unfolded[bn] = why
+        else:
+            pairs[conv] = bn
+    return pairs, None, unfolded
+
+
+def _pair_problem(conv: str, bn: str, users: int, uses: Mapping[str, int], bn_mod: nn.Module,
+                  record: OpRecord | None) -> str | None:
+    if uses.get(conv, 0) > 1:
+        return f"{conv} runs {uses[conv]} times per forward (folding would change every use)"
+    if uses.get(bn, 0) > 1:
+        return f"it runs {uses[bn]} times per forward"
+    if users > 1:
+        return f"the output of {conv} also feeds other operations"
+    if record is not None and not record.foldable:
+        return f"the forward of {conv} is not op(x, weight, bias) with its own parameters"
+    return _bn_problem(bn_mod)
 
 
 @torch.no_grad()
@@ -103,11 +157,15 @@ def _fold(conv: nn.Module, bn: nn.Module) -> FoldedBN:
     return FoldedBN(gamma, beta, float(bn.eps), bn.running_mean.clone(), bn.running_var.clone())
 
 
-def _fold_all(model: nn.Module, state: PTQState) -> dict[str, FoldedBN]:
-    pairs, reason = find_conv_bn_pairs(model)
+def _fold_all(model: nn.Module, state: PTQState,
+              records: Mapping[str, OpRecord]) -> dict[str, FoldedBN]:
+    pairs, reason, unfolded = find_conv_bn_pairs(model, records)
     state.bn_unfolded_reason = reason
+    state.unfolded = unfolded
     if reason:
         warnings.warn(f"BatchNorm left unfolded: {reason}", stacklevel=3)
+    for bn, why in unfolded.items():
+        warnings.warn(f"BatchNorm {bn} left unfolded (it stays float): {why}", stacklevel=3)
     folded = {}
     for conv_name, bn_name in pairs.items():
         folded[conv_name] = _fold(model.get_submodule(conv_name), model.get_submodule(bn_name))
@@ -116,19 +174,61 @@ def _fold_all(model: nn.Module, state: PTQState) -> dict[str, FoldedBN]:
     return folded
 
 
+def _custom_candidates(model: nn.Module) -> list[str]:
+    """Modules with their own forward; all are observed, selected or not, since BN folding into
+    an excluded one must know its forward too."""
+    return [n for n, m in model.named_modules() if n and quant_class_for(m)[1]]
+
+
 def _swap(model: nn.Module, policy: LayerPolicy, folded: dict[str, FoldedBN],
-          state: PTQState) -> None:
+          records: Mapping[str, OpRecord], state: PTQState) -> None:
     w_spec = QuantSpec(policy.w_bits, policy.w_symmetric, "channel")
     a_spec = QuantSpec(policy.a_bits, policy.a_symmetric)
+    swapped: list[str] = []
     for name, mod in list(model.named_modules()):
-        qcls = REGISTRY.get(type(mod))
-        if qcls is not None and name and policy.selects(name):
-            q = qcls(mod, w_spec, a_spec)
+        if not name or any(name.startswith(s + ".") for s in swapped):
+            continue
+        qcls, custom = quant_class_for(mod)
+        why = _float_reason(name, mod, qcls, custom, policy, records)
+        if why is None and qcls is not None:
+            q = qcls(mod, w_spec, a_spec, records[name]) if custom else qcls(mod, w_spec, a_spec)
             q.folded_bn = folded.get(name)
             set_module(model, name, q)
-        elif name and not list(mod.children()) and not isinstance(mod, nn.Identity):
+            swapped.append(name)
+        elif not list(mod.children()) or qcls is not None:
             if next(mod.parameters(recurse=False), None) is not None or qcls is not None:
                 state.stays_float.append(f"{name} ({type(mod).__name__})")
+                if why:
+                    state.float_reasons[name] = why
+
+
+def _float_reason(name: str, mod: nn.Module, qcls: type[QuantModule] | None, custom: bool,
+                  policy: LayerPolicy, records: Mapping[str, OpRecord]) -> str | None:
+    """Why a module stays float, or None when it is quantized."""
+    if qcls is None:
+        if isinstance(mod, (nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+            return f"{type(mod).__name__} is not supported"
+        if isinstance(mod, _CONV + (nn.Linear,)):
+            return f"{type(mod).__name__}: unsupported custom forward"
+        return None
+    if not policy.selects(name):
+        return "excluded by the include/exclude patterns"
+    if custom:
+        rec = records.get(name)
+        if rec is None:
+            return "its custom forward was not observed"
+        problem = rec.problem()
+        if problem:
+            return f"{type(mod).__name__}: {problem}"
+    return None
+
+
+def _check_dtype(model: nn.Module) -> None:
+    for pname, p in model.named_parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            raise ValueError(f"ptqkit quantizes float32 models, but parameter {pname!r} is "
+                             f"{str(p.dtype).replace('torch.', '')}; convert the model with "
+                             "model.float() (and the calibration data with .float()) first")
 
 
 class FloatMatmulCounter(TorchFunctionMode):
@@ -203,15 +303,19 @@ def prepare(model: nn.Module, policy: LayerPolicy,
     ``run(m)`` must execute one forward pass on representative data; it is used to record the
     execution order of the quantized layers (for first/last policy and sequential methods).
     """
+    _check_dtype(model)
     qmodel = copy.deepcopy(model).eval()
     for p in qmodel.parameters():
         p.requires_grad_(False)
     state = PTQState()
-    folded = _fold_all(qmodel, state)
-    _swap(qmodel, policy, folded, state)
+    custom = _custom_candidates(qmodel)
+    records = probe_custom_layers(qmodel, custom, run) if custom else {}
+    folded = _fold_all(qmodel, state, records)
+    _swap(qmodel, policy, folded, records, state)
     qmodel.ptq = state  # type: ignore[assignment]
-    with FloatMatmulCounter() as matmuls:
+    with FloatMatmulCounter() as matmuls, MacCounter(qmodel) as macs:
         state.layer_order = record_layer_order(qmodel, run)
+    state.macs, state.matmul_macs = macs.macs, macs.matmul_macs
     if matmuls.describe():
         state.stays_float.append(str(matmuls.describe()))
     if not state.layer_order:
