@@ -42,6 +42,7 @@ class BenchConfig:
     seed: int = 0
     data_dir: str | None = None
     latency_threads: int = 2  # ONNX Runtime intra-op threads of the deploy row's latencies
+    allow_low_coverage: bool = False  # print rows of models under MIN_COVERAGE of MACs quantized
 
     def __post_init__(self) -> None:
         Recipe(w_bits=self.w_bits, a_bits=self.a_bits)  # validates bits
@@ -62,7 +63,7 @@ class Suite:
     name: str
     float_model: nn.Module
     x_test: Any
-    y_test: torch.Tensor
+    y_test: torch.Tensor | None  # None: a label-free suite, judged by closeness to float
     make_calib: Callable[[int, int], CalibrationData]
     forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
     cache: dict[str, Any] = field(default_factory=dict)
@@ -83,8 +84,8 @@ class Suite:
         return evaluate(model, self.float_model, self.x_test, self.y_test, self.float_logits())
 
     @property
-    def fp32_top1(self) -> float:
-        return top1(self.float_logits(), self.y_test)
+    def fp32_top1(self) -> float | None:
+        return None if self.y_test is None else top1(self.float_logits(), self.y_test)
 
 
 def _fmnist_suite(name: str) -> Callable[[BenchConfig], Suite]:
@@ -105,7 +106,29 @@ def _text_suite(cfg: BenchConfig) -> Suite:
     return text_minilm_suite(TextSuiteConfig(seed=cfg.seed))  # type: ignore[return-value]
 
 
+IMAGENET_CALIB, IMAGENET_EVAL = 1024, 3000  # composites built (and cached) per split
+
+
+def _imagenet_suite(cfg: BenchConfig) -> Suite:
+    """imagenet-efficientnet-lite0 (zoo/imagenet.py): no labels; metrics are agreement, top-5
+    agreement, KL to float on 3000 evaluation composites; calibration draws from 1024 others."""
+    from .zoo.imagenet import efficientnet_lite0, imagenet_images, normalize
+
+    pool = imagenet_images(IMAGENET_CALIB, "calib", 0)
+
+    def make_calib(n: int, seed: int) -> CalibrationData:
+        if n > len(pool):
+            raise ValueError(f"imagenet-efficientnet-lite0 has {len(pool)} calibration images; "
+                             f"use --calib-size <= {len(pool)}, got {n}")
+        idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
+        return CalibrationData(normalize(pool[idx]).split(32))
+
+    x = normalize(imagenet_images(IMAGENET_EVAL, "eval", 1))
+    return Suite("imagenet-efficientnet-lite0", efficientnet_lite0(), x, None, make_calib)
+
+
 SUITES: dict[str, Callable[[BenchConfig], Suite]] = {
+    "imagenet-efficientnet-lite0": _imagenet_suite,
     "fmnist-resnet20": _fmnist_suite("fmnist-resnet20"),
     "fmnist-mobilenetv2": _fmnist_suite("fmnist-mobilenetv2"),
     "text-minilm": _text_suite,
@@ -167,6 +190,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+MIN_COVERAGE = 0.9  # share of MACs quantized under which a ptqkit row is refused
+
+
 def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
     """Quantize with one method and evaluate: one JSON-able row."""
     row: dict[str, Any] = {"suite": suite.name, "method": method, "w_bits": cfg.w_bits,
@@ -182,10 +208,16 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
     t0, cpu0 = time.perf_counter(), time.process_time()
     qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+    cov = qmodel.report.coverage
+    if cov["fraction"] < MIN_COVERAGE and not cfg.allow_low_coverage:
+        return {**row, "mac_coverage": cov["fraction"], "quant_top1": None, "agreement": None,
+                "error": f"refused: {cov['summary']} (under {100 * MIN_COVERAGE:.0f}%; "
+                         "pass --allow-low-coverage to print it)"}
     res = suite.evaluate(qmodel)
     return {**row, "fp32_top1": res.get("fp32_top1"), "quant_top1": res.get("top1"),
             "delta": _delta(res), "agreement": res["agreement"], "kl": res["kl"],
-            "compression": compression_ratio(qmodel), "seconds": seconds,
+            "compression": compression_ratio(qmodel), "mac_coverage": cov["fraction"],
+            "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "peak_rss_mb": peak_rss_mb(), "recipe": recipe.to_dict(),
             "choices": _step_choices(qmodel), **_extra_metrics(res)}
@@ -228,7 +260,8 @@ def run_bench(suite_name: str, methods: list[str], cfg: BenchConfig) -> list[dic
 
 _COLUMNS = ("suite", "method", "w_bits", "a_bits", "fp32_top1", "quant_top1", "delta", "agreement",
             "compression", "seconds")
-_OPTIONAL_COLUMNS = ("cosine",)  # shown when a suite reports it
+_OPTIONAL_COLUMNS = ("agreement_se", "top5_agreement", "kl", "mac_coverage", "cosine",
+                     "error")  # shown when a row reports it
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: tuple[str, ...] = _COLUMNS) -> str:

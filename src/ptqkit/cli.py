@@ -191,7 +191,8 @@ def _calib_study(args: argparse.Namespace, methods: list[str], cfg: bench_mod.Be
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
-                                args.calib_size, args.seed, args.data_dir, args.latency_threads)
+                                args.calib_size, args.seed, args.data_dir, args.latency_threads,
+                                args.allow_low_coverage)
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     methods += ["deploy"] if args.deploy else []
     if args.calib_sizes:
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--w-bits", type=int, default=4)
     b.add_argument("--a-bits", type=int, default=4)
     b.add_argument("--no-first-last-8bit", action="store_true")
+    b.add_argument("--allow-low-coverage", action="store_true",
+                   help="print rows of models with under 90%% of their MACs quantized")
     b.add_argument("--calib-size", type=int, default=1000)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--data-dir")

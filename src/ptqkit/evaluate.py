@@ -14,7 +14,8 @@ from .calib.loss import kl_to_float, sqnr_db
 from .nn.control import quantizers_disabled
 from .nn.modules import quant_layers
 
-__all__ = ["predict", "evaluate", "layer_sqnr", "float_layer_outputs", "top1", "compression_ratio"]
+__all__ = ["predict", "evaluate", "top5_agreement", "binomial_se",
+           "layer_sqnr", "float_layer_outputs", "top1", "compression_ratio"]
 
 
 @torch.no_grad()
@@ -32,6 +33,20 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).float().mean())
 
 
+def top5_agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Percent of samples whose float top-1 class is among the quantized model's top 5.
+    ref, out: (N, classes) logits."""
+    hit = (out.topk(5, dim=1).indices == ref.argmax(1, keepdim=True)).any(1)
+    return 100.0 * float(hit.float().mean())
+
+
+def binomial_se(percent: float, n: int) -> float:
+    """Standard error, in points, of a proportion measured in percent on n samples:
+    100 sqrt(p (1 - p) / n)."""
+    p = percent / 100.0
+    return 100.0 * (p * (1.0 - p) / max(n, 1)) ** 0.5
+
+
 def evaluate(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
              y: torch.Tensor | None = None, float_logits: torch.Tensor | None = None,
              batch_size: int = 500) -> dict[str, Any]:
@@ -46,6 +61,9 @@ def evaluate(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
         "agreement": 100.0 * float((out.argmax(1) == ref.argmax(1)).float().mean()),
         "kl": float(kl_to_float(ref, out)),
     }
+    if out.dim() == 2 and out.shape[1] > 5:
+        res["top5_agreement"] = top5_agreement(ref, out)
+        res["agreement_se"] = binomial_se(res["agreement"], out.shape[0])
     if y is not None:
         res["top1"], res["fp32_top1"] = top1(out, y), top1(ref, y)
     return res

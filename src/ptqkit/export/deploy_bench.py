@@ -189,7 +189,8 @@ def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
         res = suite.evaluate(OrtModule(qp))
         kernels = integer_kernels(qp)
     return {"fp32_top1": res.get("fp32_top1"), "quant_top1": res.get("top1"),
-            "delta": res["top1"] - res["fp32_top1"], "agreement": res["agreement"], "kl": res["kl"],
+            "delta": (res["top1"] - res["fp32_top1"]) if res.get("top1") is not None else None,
+            "agreement": res["agreement"], "kl": res["kl"],
             "seconds": seconds, "int_kernels": kernels["int_kernels"],
             "recipe": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                        "per_channel": True, "weights": f"int{cfg.w_bits}",
