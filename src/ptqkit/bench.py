@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .calib.data import CalibrationData
 from .evaluate import compression_ratio, evaluate, predict, top1
+from .peers import PEER_RUNNERS
 from .pipeline import Recipe, quantize
 
 __all__ = ["BenchConfig", "Suite", "SUITES", "METHODS", "RUNNERS", "run_bench", "markdown_table",
@@ -183,6 +184,7 @@ def _deploy(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
 
 RUNNERS.update({m: _ort_peer(m) for m in ("ort-minmax", "ort-entropy", "ort-percentile")})
 RUNNERS["deploy"] = _deploy
+RUNNERS.update(PEER_RUNNERS)  # nncf, brevitas (imported lazily)
 
 
 def peak_rss_mb() -> float:
