@@ -114,6 +114,13 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
 def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) -> CalibrationData:
     n = args.calib_size or 1000
+    if args.calib and Path(args.calib).is_dir():
+        if not args.preprocess:
+            raise ValueError(f"--calib {args.calib} is a folder of images: name its preprocessing "
+                             "with --preprocess (imagenet)")
+        from .calib.images import load_image_folder
+
+        return CalibrationData(load_image_folder(args.calib, args.preprocess, n), limit=n, batch_size=32)
     if args.calib:
         path = Path(args.calib)
         if not path.is_file():
@@ -230,9 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and write a run directory")
-    q.add_argument("model", help="zoo name (fmnist-resnet20, fmnist-mobilenetv2) or file.py:factory")
+    q.add_argument("model", help="zoo name (fmnist-resnet20, fmnist-mobilenetv2), file.py:factory or "
+                   "package.module:factory, optionally with literal arguments: 'pkg.mod:f(1, x=2)'")
     q.add_argument("--weights", help="state dict (.pt/.pth/.safetensors) for file.py:factory models")
-    q.add_argument("--calib", help="calibration inputs: .pt tensor or .npy array (N, ...)")
+    q.add_argument("--calib", help="calibration inputs: .pt tensor or .npy array (N, ...), or a folder "
+                   "of images (with --preprocess)")
+    q.add_argument("--preprocess", choices=["imagenet"],
+                   help="preprocessing of a --calib image folder (imagenet: resize 256, crop 224, "
+                        "ImageNet mean/std)")
     q.add_argument("--calib-size", type=int, help="number of calibration samples (default 1000)")
     q.add_argument("--data-dir", help="Fashion-MNIST folder (for zoo models)")
     q.add_argument("--out", required=True, help="output run directory")

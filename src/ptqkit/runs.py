@@ -49,23 +49,62 @@ class ModelSource:
         return _load_factory(self.spec, self.weights)
 
 
-def _load_factory(spec: str, weights: str | None) -> nn.Module:
-    import importlib.util
+def _parse_factory(spec: str) -> tuple[str, str, tuple, dict]:
+    """'where:name(args)' -> (where, dotted name, args, kwargs); arguments must be literals."""
+    import ast
 
     from .zoo import ZOO
 
-    path, sep, factory = spec.rpartition(":")
-    if not sep or not path.endswith(".py"):
+    if ".py:" in spec:  # a file path may itself hold ':' or '.'
+        where, _, call = spec.rpartition(".py:")
+        where += ".py"
+    else:
+        where, _, call = spec.partition(":")
+    if not where or not call:
         raise ValueError(f"model {spec!r} is neither a zoo name ({', '.join(ZOO)}) nor "
-                         "'file.py:factory'")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    mod_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
-    mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if not hasattr(module, factory):
-        raise ValueError(f"{path} has no function {factory!r}")
-    model = getattr(module, factory)()
+                         "'file.py:factory' / 'package.module:factory'")
+    try:
+        node = ast.parse(call, mode="eval").body
+        if isinstance(node, ast.Call):
+            args = tuple(ast.literal_eval(a) for a in node.args)
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg}
+            node = node.func
+        else:
+            args, kwargs = (), {}
+        name = ast.unparse(node)
+        if not all(part.isidentifier() for part in name.split(".")):
+            raise ValueError(name)
+    except (SyntaxError, ValueError):
+        raise ValueError(f"cannot read the factory {call!r}: expected name or name(literal, key=literal)"
+                         ) from None
+    return where, name, args, kwargs
+
+
+def _import_where(where: str) -> object:
+    import importlib
+    import importlib.util
+
+    if where.endswith(".py"):
+        if not Path(where).is_file():
+            raise FileNotFoundError(f"model file {where} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(Path(where).stem, where)
+        module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+        mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        return module
+    try:
+        return importlib.import_module(where)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {where!r} ({exc}); is the package installed?") from None
+
+
+def _load_factory(spec: str, weights: str | None) -> nn.Module:
+    where, name, args, kwargs = _parse_factory(spec)
+    obj = _import_where(where)
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{where} has no function {name!r}")
+        obj = getattr(obj, part)
+    model = obj(*args, **kwargs)  # type: ignore[operator]
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     if weights:
