@@ -94,3 +94,18 @@ def test_quantizer_int_repr_and_range() -> None:
     assert float(lo) <= -1.0 + 1e-6 and float(hi) >= 3.0 - 0.02
     codes = q.int_repr(torch.tensor([-1.0, 0.0, 3.0]))
     assert codes.dtype == torch.int32 and codes.tolist()[0] == 0 and codes.tolist()[2] == 255
+
+
+@pytest.mark.parametrize("bits, symmetric, per_channel",
+                         [(8, False, False), (4, True, True), (2, False, True)])
+def test_fused_inference_path_is_bit_identical_to_differentiable(bits, symmetric, per_channel) -> None:
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(6, 5, 7, 3, generator=g) * 3
+    spec = QuantSpec(bits, symmetric, "channel" if per_channel else "tensor", 0)
+    c = 6 if per_channel else 1
+    scale = torch.rand(c, generator=g) * 0.5 + 0.01
+    zp = torch.zeros(c) if symmetric else torch.randint(spec.qmin, spec.qmax + 1, (c,), generator=g).float()
+    with torch.no_grad():
+        fused = fake_quantize(x, scale, zp, spec)
+    slow = fake_quantize(x.clone().requires_grad_(True), scale, zp, spec).detach()
+    torch.testing.assert_close(fused, slow, rtol=0, atol=0)
