@@ -122,7 +122,7 @@ def _imagenet_suite(cfg: BenchConfig) -> Suite:
             raise ValueError(f"imagenet-efficientnet-lite0 has {len(pool)} calibration images; "
                              f"use --calib-size <= {len(pool)}, got {n}")
         idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
-        return CalibrationData(normalize(pool[idx]).split(32))
+        return CalibrationData(normalize(pool[idx]).split(16))
 
     x = normalize(imagenet_images(IMAGENET_EVAL, "eval", 1))
     return Suite("imagenet-efficientnet-lite0", efficientnet_lite0(), x, None, make_calib)

@@ -19,7 +19,7 @@ __all__ = ["predict", "evaluate", "top5_agreement", "binomial_se",
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 100,
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 16,
             desc: str | None = None) -> torch.Tensor:
     """Logits of ``model`` on inputs ``x`` (N, ...), computed in batches -> (N, classes)."""
     model.eval()
@@ -49,7 +49,7 @@ def binomial_se(percent: float, n: int) -> float:
 
 def evaluate(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
              y: torch.Tensor | None = None, float_logits: torch.Tensor | None = None,
-             batch_size: int = 100) -> dict[str, Any]:
+             batch_size: int = 16) -> dict[str, Any]:
     """Compare a quantized model with its float model on (x, y).
 
     Returns top1 / fp32_top1 (percent, when labels are given), agreement (percent of samples

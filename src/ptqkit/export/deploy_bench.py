@@ -101,7 +101,9 @@ def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str]
     out = Path(out)
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(float_onnx), str(pre))
-    extra: dict[str, Any] = {}
+    # histogram calibrators keep every intermediate tensor of every batch until they build their
+    # histograms; flushing them into the histograms every 8 batches bounds that memory
+    extra: dict[str, Any] = {"CalibMaxIntermediateOutputs": 8}
     if first_last_8bit and w_bits != 8:
         extra["TensorQuantOverrides"] = {w: [{"quant_type": QuantType.QInt8}]
                                          for w in _first_last_weights(pre)}
@@ -113,7 +115,7 @@ def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str]
     return out
 
 
-def ort_predict(path: str | os.PathLike[str], x: torch.Tensor, batch_size: int = 500,
+def ort_predict(path: str | os.PathLike[str], x: torch.Tensor, batch_size: int = 64,
                 threads: int = 2) -> torch.Tensor:
     """Logits of the ONNX model on ``x`` (N, ...) with ONNX Runtime."""
     sess = ort_session(path, threads)
