@@ -194,6 +194,7 @@ def ort_peer_row(suite: Any, cfg: Any, method: str) -> dict[str, Any]:
             "delta": (res["top1"] - res["fp32_top1"]) if res.get("top1") is not None else None,
             "agreement": res["agreement"], "kl": res["kl"],
             "seconds": seconds, "int_kernels": kernels["int_kernels"],
+            **{k: v for k, v in res.items() if k in ("top5_agreement", "agreement_se")},
             "recipe": {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                        "per_channel": True, "weights": f"int{cfg.w_bits}",
                        "activations": f"uint{cfg.a_bits}", "first_last_8bit": cfg.first_last_8bit,
