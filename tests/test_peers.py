@@ -60,3 +60,27 @@ def test_brevitas_row_keeps_the_float_model() -> None:
     assert 0 <= row["agreement"] <= 100 and row["kl"] >= 0 and row["recipe"]["weight_bit_width"] == 8
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+class _PaddedConv(nn.Conv2d):
+    """A conv subclass with its own forward, as in the EfficientNet packages."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+def test_brevitas_row_states_its_coverage_and_refuses_a_mostly_float_model() -> None:
+    pytest.importorskip("brevitas_examples")
+    cfg = BenchConfig(w_bits=8, a_bits=8, calib_size=32)
+    plain = PEER_RUNNERS["brevitas"](TinySuite(_model()), cfg)
+    assert plain["mac_coverage"] == pytest.approx(1.0)
+    torch.manual_seed(0)
+    custom = nn.Sequential(_PaddedConv(3, 8, 3), nn.ReLU(), _PaddedConv(8, 8, 3), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    row = PEER_RUNNERS["brevitas"](TinySuite(custom), cfg)
+    assert row["mac_coverage"] < 0.1 and row["agreement"] is None and row["error"].startswith("refused")
+    shown = PEER_RUNNERS["brevitas"](TinySuite(custom), BenchConfig(w_bits=8, a_bits=8, calib_size=32,
+                                                                    allow_low_coverage=True))
+    assert shown["mac_coverage"] < 0.1 and shown["agreement"] is not None
