@@ -1,4 +1,4 @@
-"""Benchmark suites -> JSON rows + a markdown table (the protocol of BENCHMARKS.md).
+"""Benchmark suites -> JSON rows + a markdown table (the protocol of docs/benchmarks.md).
 
 A method is either a Recipe factory (``METHODS``) or a runner that builds its own row
 (``RUNNERS``, e.g. a peer toolkit). Every row carries the float baseline measured in the same run.
@@ -146,7 +146,7 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "seq-adaquant+bnt": lambda c: c.recipe(steps=["adaquant", "bn_tuning"]),
     "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
     # seq-AdaQuant from one fixed start (start: given); the default (start: best) picks the MSE or
-    # the ACIQ ranges by calibration KL (results/issue4/adaq_init.py, NOTES-s12.md)
+    # the ACIQ ranges by calibration KL
     "mse+seq-adaquant": lambda c: c.recipe(steps=[_GIVEN_START]),
     "aciq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=[_GIVEN_START]),
     "lapq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="minmax",
@@ -155,7 +155,7 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
     "advanced": lambda c: Recipe.preset("advanced", first_last_8bit=c.first_last_8bit, seed=c.seed),
     # Banner et al.: ACIQ clips the activations; weights stay per-channel min-max (with bit
     # allocation / bias correction). ACIQ on the weights too ("aciq-wa") clips them too hard at
-    # 3-4 bits (calibration KL, see results/issue3/README.md).
+    # 3-4 bits (calibration KL, docs/methods.md).
     "aciq": lambda c: c.recipe(w_range="minmax", a_range="aciq"),
     "aciq+bc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bias_correction"]),
     "aciq+alloc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bit_allocation"]),

@@ -182,7 +182,7 @@ def test_step_summary_records_the_target(tiny: nn.Module, tiny_data: torch.Tenso
         assert s["mse_after"] <= s["mse_before"]
 
 
-# --- held-out iterate selection (session 10) ---------------------------------------------------
+# --- held-out iterate selection ---------------------------------------------------------------
 
 def _conv_layer(bits: int = 4) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     from ptqkit.nn.modules import QuantConv2d
@@ -284,7 +284,7 @@ def test_step_summary_counts_holdout_layers(tiny: nn.Module, tiny_data: torch.Te
     assert q.report.layers["fc"]["adaquant"]["holdout"] == "frozen"  # linear on 2 samples
 
 
-# --- start point chosen by calibration loss (session 12) ---------------------------------------
+# --- start point chosen by calibration loss -----------------------------------------------
 
 def _states(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "_quant." in k}

@@ -30,62 +30,34 @@ Parametrisation (decides what the learning rates mean; Adam moves each parameter
 The best iterate (by MSE over all cached samples, evaluated every ``eval_every`` steps and at
 the end; the starting point is a candidate) is written back, so MSE after <= MSE before.
 
-Start point (``start``, session 12). AdaQuant moves each step size only a little from where it
-starts (lr_w_qparams / lr_a_qparams are relative changes per step), so the starting ranges
-matter. With ``start="best"`` (default) the step first compares, by KL(float || quantized) of the
-model outputs on the calibration set, the ranges the model has (the recipe's) with the MSE ranges
-and the ACIQ ranges (min-max weights, ACIQ activations) and starts from the lowest - the same
-candidates as LAPQ's ``init="best"``. Why: on 1000 held-out train images, starting from ACIQ
-instead of MSE ranges lowered seq-AdaQuant's KL to float on fmnist-mobilenetv2 on 3 of 3
-calibration draws (0.0304 vs 0.0377, 0.0312 vs 0.0340, 0.0318 vs 0.0431) and on fmnist-resnet20
-on 2 of 3, while on MiniLM ACIQ ranges are far worse than MSE ones (78.70 vs 82.15 at W4A8), so
-no fixed range set suits every model (results/issue4/NOTES-init.md, NOTES-s11.md). For parallel
-AdaQuant the held-out train images favoured the ACIQ start too (mobilenetv2 2 of 2 draws, resnet20
-1 of 2, the other a tie), though on the test split parallel AdaQuant on mobilenetv2 then scored
-0.57 points lower over five draws (results/issue4/NOTES-s12.md). The check costs one float pass
-over the calibration set (activation statistics) plus one quantized pass per candidate.
-``start="given"`` skips it, and so does a step that runs after any step other than the range
-initialisation (bias correction, bit allocation, LAPQ...): candidates set from scratch would
-discard that step's ranges.
+Start point (``start``). AdaQuant moves each step size only a little from where it starts
+(lr_w_qparams / lr_a_qparams are relative changes per step), so the starting ranges matter. With
+``start="best"`` (default) the step first compares, by KL(float || quantized) of the model
+outputs on the calibration set, the ranges the model has (the recipe's) with the MSE ranges and
+the ACIQ ranges (min-max weights, ACIQ activations), and starts from the lowest: the candidates
+of LAPQ's ``init="best"``. The check costs one float pass over the calibration set (activation
+statistics) plus one quantized pass per candidate. ``start="given"`` skips it, and so does a step
+that runs after any step other than the range initialisation (bias correction, bit allocation,
+LAPQ...): candidates set from scratch would discard that step's ranges.
 
-Held-out selection (``holdout``, session 10). With very little calibration data the fit has fewer
-independent constraints than parameters, and choosing the iterate on the data it was fitted to
-cannot see over-fitting: on fmnist-mobilenetv2 with ONE calibration image parallel AdaQuant made
-33-41 of 52 layers worse on held-out train images and the model worse than min-max
-(results/issue4/NOTES-s10.md). ``holdout="auto"`` (default) therefore holds out part of a layer's
-data whenever the calibration set has fewer samples than the layer has weights per output channel
-(its fan-in, C_in / groups * k^2: the number of unknowns of one output channel; every sample then
-brings less than one constraint per unknown once the correlation of positions within an image is
-allowed for). Engaged, the fit uses the rest and the iterate is chosen on the held-out part
-(starting point included, and only iterates whose MSE over all cached data is <= the start's):
+Held-out selection (``holdout``). When the calibration set has fewer samples than a layer has
+weights per output channel (its fan-in, C_in / groups * k^2), choosing the iterate on the data it
+was fitted to cannot see over-fitting. ``holdout="auto"`` (default) then holds out part of that
+layer's data; the fit uses the rest and the iterate is chosen on the held-out part (starting
+point included, and only iterates whose MSE over all cached data is <= the start's):
 
 * ``holdout_fraction`` of the samples, when the layer has at least ``MIN_HOLDOUT_SAMPLES`` (4);
 * otherwise ``holdout_fraction`` of the output positions (conv: H*W; linear on sequences: tokens),
-  when every sample has at least ``MIN_HOLDOUT_POSITIONS`` (64, an 8x8 map) of them;
+  when every sample has at least ``MIN_HOLDOUT_POSITIONS`` (64, an 8x8 map) of them (positions of
+  one image are not independent samples, hence the floor);
 * otherwise nothing can be validated and the layer is left as it is (``holdout="frozen"``).
 
-Why positions need a floor: positions of one image are not independent samples - a per-channel
-bias or step size fitted to 12 positions of a 4x4 map fits that image, and its other 4 positions
-agree. Measured on fmnist-mobilenetv2, one image, 5 seeds, plain AdaQuant, layer MSE on 1000
-held-out train images after / before, mean per output size: 28x28 0.78, 14x14 0.92 (gains),
-7x7 1.04, 4x4 1.24, classifier 1.12 (losses; results/issue4/NOTES-s10.md).
-
 Engaged, it also limits what is learned (``freeze_underdetermined``): when the fit has fewer
-target values per output channel (fit samples x output positions) than the layer's fan-in - the
-paper's own over-fitting bound, appendix A: B >= C_in k^2 / (H W) - the weight offset is not
-learned (lr_weight 0), only the bias and the quantizer parameters (a handful per channel).
-
-The rule is off for every layer of the zoo models at 1000 images (largest fan-in: 640), so those
-results are bit-for-bit those of the plain best-iterate rule; ``holdout="never"`` restores it
-everywhere, ``"always"`` engages it for every layer.
-
-Tried and not made the default (session 11, results/issue4/NOTES-s11.md): ``"always"`` in
-sequential mode. With 1000 images seq-AdaQuant can reach a lower KL to float on its calibration
-images than on other train images, and holding out 25% per layer closed that gap on the first
-three draws tried, but over seven draws its effect on the held-out KL was mixed (mobilenetv2 -14,
--9, -5, +2%; resnet20 -16, +27, -2%; agreement with float equal or up to 1.4 points higher), at
-about 1.5x the time, and on the test split (five calibration draws per model) it changed neither
-top-1 nor KL beyond the draws' spread.
+target values per output channel (fit samples x output positions) than the layer's fan-in (the
+over-fitting bound of appendix A, B >= C_in k^2 / (H W)), the weight offset is not learned
+(lr_weight 0), only the bias and the quantizer parameters. ``holdout="never"`` restores the plain
+best-iterate rule everywhere, ``"always"`` engages the hold-out for every layer. The evidence
+for these defaults is in docs/methods.md.
 """
 
 from __future__ import annotations

@@ -13,18 +13,13 @@ momentum 0.1), and the BN is folded again (B.12-B.13):
 
 with the weight zero-point unchanged, so the integer weights round(W'/s_w') stay the same.
 
-Beyond the paper (``target="float"``, the default): the reconstructed BN normalises to the
-*float model's* statistics of the same layer on the same calibration data,
-gamma_r = sqrt(var_f + eps), beta_r = mu_f, instead of the folded BN's training statistics
-(gamma_o^2, beta_o). The paper's identity reconstruction restores the training running
-statistics, which are not what the float network produces on the calibration data, so it also
-moves an unquantized model (measured: 98.9-99.0 % agreement with itself on held-out train
-images, results/issue4/NOTES.md); with the float target only the quantization-induced shift of
-mean and variance is removed and a float model is left unchanged. ``target="bn"`` is the paper.
-Neither target is better everywhere (results/issue4/NOTES-bnt.md: on held-out train images the
-float target wins on resnet20, the paper's on mobilenetv2 with MSE ranges), so the default
-``target="best"`` tries both and keeps the one with the lower calibration KL; with ``guard``
-(default) the step is undone bit-exactly if it raises the calibration KL.
+Target statistics (``target``): ``"bn"`` is the paper's identity reconstruction above, which
+restores the folded BN's *training* running statistics. ``"float"`` normalises to the float
+model's own statistics of the same layer on the same calibration data, gamma_r = sqrt(var_f + eps),
+beta_r = mu_f, so only the quantization-induced shift of mean and variance is removed and an
+unquantized model is left unchanged. ``"best"`` (default) tries both and keeps the one with the
+lower calibration KL. With ``guard`` (default) the step is undone bit-exactly if it raises the
+calibration KL. The evidence for these defaults is in docs/methods.md.
 """
 
 from __future__ import annotations

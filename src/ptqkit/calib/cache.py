@@ -1,8 +1,8 @@
 """Activation cache for one layer at a time: in memory up to a budget, spilled to disk above it.
 
 Layer-wise methods (AdaQuant) need a layer's inputs and float targets for the whole calibration
-set, for one layer at a time. Caching every layer at once is what makes the reference code heavy
-(ALGORITHMS.md, "AdaQuant"); this cache holds a single layer's tensors and writes chunks that do
+set, for one layer at a time. Caching every layer at once would need memory for the whole network's
+activations; this cache holds a single layer's tensors and writes chunks that do
 not fit in ``budget_bytes`` to a temporary directory, removed on ``close()`` / context exit.
 """
 
