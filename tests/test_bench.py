@@ -66,3 +66,26 @@ def test_merge_study_joins_job_files_and_rejects_duplicates(tmp_path: Path) -> N
     assert [r["top1_mean"] for r in study_summary(rows)] == pytest.approx([81.0, 85.0])
     with pytest.raises(ValueError, match="already came from another file"):
         merge_study([tmp_path / "one.json", tmp_path / "one.json"])
+
+
+def test_plotting_without_matplotlib_is_a_one_line_error(monkeypatch) -> None:
+    import importlib.util
+
+    from ptqkit import plotting
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'ptqkit\[plot\]'"):
+        plotting.pyplot()
+
+
+def test_the_library_does_not_import_bench_sweep_or_matplotlib() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, ptqkit, ptqkit.algorithms, ptqkit.export.onnx; "
+            "bad = [m for m in ('ptqkit.bench', 'ptqkit.sweep', 'ptqkit.peers', 'matplotlib') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -25,6 +25,7 @@ from .calib.data import CalibrationData
 from .evaluate import compression_ratio, evaluate, predict, top1
 from .peers import PEER_RUNNERS
 from .pipeline import Recipe, quantize
+from .plotting import pyplot
 
 __all__ = ["BenchConfig", "Suite", "SUITES", "METHODS", "RUNNERS", "run_bench", "markdown_table",
            "write_json", "calib_size_study", "study_summary", "plot_study", "merge_study"]
@@ -342,10 +343,7 @@ def merge_study(paths: list[str | os.PathLike[str]]) -> list[dict[str, Any]]:
 
 def plot_study(summary: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     """Top-1 (mean +- std over seeds) against calibration size, one line per method, float dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in summary):

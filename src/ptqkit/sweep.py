@@ -39,6 +39,7 @@ from .evaluate import compression_ratio
 from .nn.control import float_weights
 from .nn.modules import quant_layers
 from .pipeline import Recipe, StepSpec, quantize
+from .plotting import pyplot
 
 __all__ = ["SweepMethod", "SWEEP_METHODS", "SweepConfig", "run_sweep", "plot_curves",
            "with_mixed_precision"]
@@ -341,10 +342,7 @@ def _table_row(suite: str, tuner: str, table: SensitivityTable) -> dict[str, Any
 def plot_curves(rows: list[dict[str, Any]], path: str | Path, metric: str = "quant_top1") -> None:
     """Top-1 (or another row metric, e.g. 'kl' to the float logits on the test split) against
     compression, one line per (suite, method); for top-1 the float top-1 dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [r for r in rows if r.get(metric) is not None]
     suites = list(dict.fromkeys(r["suite"] for r in points))
