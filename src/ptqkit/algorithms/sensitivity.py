@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..calib.capture import record_io
 from ..calib.data import CalibrationData, default_forward
+from ..calib.engine import LeafTracer, run_nodes
 from ..calib.loss import kl_to_float
 from ..nn.control import only_enabled, quantizers_disabled
 from ..nn.modules import QuantModule
@@ -33,11 +34,6 @@ __all__ = ["SuffixRunner", "LayerState", "snapshot", "restore", "OptionTuner", "
 
 log = logging.getLogger(__name__)
 Frontier = list[dict[Any, torch.Tensor]]
-
-
-class _LeafTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QuantModule) or super().is_leaf_module(m, qualname)
 
 
 class SuffixRunner:
@@ -54,7 +50,7 @@ class SuffixRunner:
         try:
             if calib.forward_fn is not default_forward or isinstance(calib.batches[0], dict):
                 raise TypeError("custom forward_fn or dict batches")
-            self.graph = fx.GraphModule(model, _LeafTracer().trace(model))
+            self.graph = fx.GraphModule(model, LeafTracer().trace(model))
         except Exception as exc:  # fx raises many types; any failure means: run full passes
             log.info("sensitivity: no fx split (%s); one full pass per (layer, option)",
                      str(exc).split("\n")[0])
@@ -76,16 +72,7 @@ class SuffixRunner:
         return self.layer_node.get(layer) if self.graph is not None else None
 
     def _execute(self, start: int, stop: int, env: dict[Any, Any]) -> None:
-        interp = fx.Interpreter(self.graph)  # type: ignore[arg-type]
-        interp.env = env
-        for i in range(start, stop):
-            node = self.nodes[i]
-            if node.op == "placeholder":
-                continue
-            env[node] = interp.run_node(node)
-            for arg in node.all_input_nodes:
-                if self.last_use[arg] <= i and arg in env and node.op != "output":
-                    del env[arg]
+        run_nodes(self.graph, self.nodes, self.last_use, start, stop, env)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def cache(self, layer: str, quantized: bool = False) -> Frontier:
