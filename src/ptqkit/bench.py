@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .algorithms.base import Report
 from .calib.data import CalibrationData
 from .evaluate import compression_ratio, evaluate, predict, top1
 from .peers import PEER_RUNNERS
@@ -211,7 +212,7 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
     t0, cpu0 = time.perf_counter(), time.process_time()
     qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
-    cov = qmodel.report.coverage
+    cov: dict[str, Any] = cast(Report, qmodel.report).coverage
     if cov["fraction"] < MIN_COVERAGE and not cfg.allow_low_coverage:
         return {**row, "mac_coverage": cov["fraction"], "quant_top1": None, "agreement": None,
                 "error": f"refused: {cov['summary']} (under {100 * MIN_COVERAGE:.0f}%; "

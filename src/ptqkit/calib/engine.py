@@ -19,7 +19,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -148,7 +148,7 @@ class SegmentEngine:
         if frontier.position != self.index[node]:
             raise ValueError(f"the frontier is not at layer {layer!r}")
         for env in frontier.envs():
-            yield env[node.args[0]]
+            yield env[cast(fx.Node, node.args[0])]
 
     def _execute(self, start: int, stop: int, env: dict[Any, Any]) -> None:
         run_nodes(self.graph, self.nodes, self.last_use, start, stop, env)

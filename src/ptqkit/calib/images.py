@@ -22,7 +22,7 @@ def _prepare(path: Path, resize: int, crop: int) -> np.ndarray:
     img = Image.open(path).convert("RGB")
     scale = resize / min(img.size)
     img = img.resize((max(crop, round(img.size[0] * scale)), max(crop, round(img.size[1] * scale))),
-                     Image.BILINEAR)
+                     Image.Resampling.BILINEAR)
     left, top = (img.size[0] - crop) // 2, (img.size[1] - crop) // 2
     return np.asarray(img.crop((left, top, left + crop, top + crop)))
 

@@ -7,8 +7,9 @@ quantizer ``w_quant`` and a per-tensor input-activation quantizer ``a_quant``. B
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class QuantModule(nn.Module):
 
     def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
         super().__init__()
-        weight = fl.weight.detach().clone()
+        weight = cast(torch.Tensor, fl.weight).detach().clone()
         self.weight = nn.Parameter(weight)
         bias = getattr(fl, "bias", None)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
@@ -100,7 +101,7 @@ class QuantModule(nn.Module):
 
 
 class _QuantConvNd(QuantModule):
-    _fn: ClassVar = None
+    _fn: ClassVar[Callable[..., torch.Tensor]]
 
     def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
         super().__init__(fl, w_spec, a_spec)

@@ -15,11 +15,15 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = ["efficientnet_lite0", "object_files", "background_images", "composite_images",
            "imagenet_images", "normalize", "STAMPS_DIR", "WALLPAPERS_DIR"]
@@ -96,27 +100,27 @@ def background_images() -> list[np.ndarray]:
     return out
 
 
-def _crop(bg: np.ndarray, rng: np.random.Generator) -> object:
+def _crop(bg: np.ndarray, rng: np.random.Generator) -> PILImage:
     from PIL import Image
 
     h, w = bg.shape[:2]
     side = int(rng.uniform(0.35, 1.0) * min(h, w))
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    return Image.fromarray(bg[y:y + side, x:x + side]).resize((SIZE, SIZE), Image.BILINEAR)
+    return Image.fromarray(bg[y:y + side, x:x + side]).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
 
 
-def _paste(canvas: object, obj: object, rng: np.random.Generator) -> object:
+def _paste(canvas: PILImage, obj: PILImage, rng: np.random.Generator) -> PILImage:
     from PIL import Image, ImageOps
 
-    scale = rng.uniform(0.45, 0.9) * SIZE / max(obj.size)  # type: ignore[attr-defined]
-    w, h = obj.size  # type: ignore[attr-defined]
+    scale = rng.uniform(0.45, 0.9) * SIZE / max(obj.size)
+    w, h = obj.size
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
-    obj = obj.resize(size, Image.BILINEAR)  # type: ignore[attr-defined]
+    obj = obj.resize(size, Image.Resampling.BILINEAR)
     if rng.random() < 0.5:
         obj = ImageOps.mirror(obj)
     x = int(rng.integers(0, SIZE - size[0] + 1))
     y = int(rng.integers(0, SIZE - size[1] + 1))
-    canvas.paste(obj, (x, y), obj)  # type: ignore[attr-defined]
+    canvas.paste(obj, (x, y), obj)
     return canvas
 
 
