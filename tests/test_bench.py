@@ -89,3 +89,16 @@ def test_the_library_does_not_import_bench_sweep_or_matplotlib() -> None:
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_bench_methods_are_the_named_recipe_files_a_user_can_load() -> None:
+    from ptqkit.pipeline import Recipe
+
+    files = sorted(bench.RECIPES_DIR.glob("*.yaml"))
+    assert {p.stem for p in files} == set(bench.METHODS) and len(files) >= 20
+    for path in files:
+        recipe = Recipe.from_yaml(path)  # each file alone is a valid recipe
+        row = bench.METHODS[path.stem](BenchConfig(w_bits=3, a_bits=5, seed=7))
+        assert row.seed == 7 and row.steps == recipe.steps and row.w_range == recipe.w_range
+        assert (row.w_bits, row.a_bits) == ((recipe.w_bits, recipe.a_bits) if path.stem in
+                                            ("light", "advanced") else (3, 5))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -137,37 +138,26 @@ SUITES: dict[str, Callable[[BenchConfig], Suite]] = {
     "text-minilm": _text_suite,
 }
 
-_GIVEN_START = {"name": "adaquant", "options": {"start": "given"}}
+RECIPES_DIR = Path(__file__).parent / "recipes"
 
+
+def _file_method(path: Path) -> Callable[[BenchConfig], Recipe]:
+    """A bench method from a named recipe file: the file's keys over the row's bits, first/last
+    policy and seed (a file that sets its own bits, as the light/advanced pipelines do, keeps
+    them)."""
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a recipe mapping, got {type(spec).__name__}")
+
+    def make(c: BenchConfig) -> Recipe:
+        return Recipe.from_dict({"w_bits": c.w_bits, "a_bits": c.a_bits,
+                                 "first_last_8bit": c.first_last_8bit, "seed": c.seed, **spec})
+    return make
+
+
+# One YAML file per method in ptqkit/recipes/, readable and copyable by users.
 METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
-    "minmax": lambda c: c.recipe(w_range="minmax", a_range="minmax"),
-    "percentile": lambda c: c.recipe(w_range="percentile", a_range="percentile"),
-    "mse": lambda c: c.recipe(w_range="mse", a_range="mse"),
-    "adaquant": lambda c: c.recipe(steps=[{"name": "adaquant", "options": {"mode": "parallel"}}]),
-    "seq-adaquant": lambda c: c.recipe(steps=["adaquant"]),
-    "seq-adaquant+bnt": lambda c: c.recipe(steps=["adaquant", "bn_tuning"]),
-    "seq-adaquant+bnt+bt": lambda c: c.recipe(steps=["adaquant", "bn_tuning", "bias_tuning"]),
-    # seq-AdaQuant from one fixed start (start: given); the default (start: best) picks the MSE or
-    # the ACIQ ranges by calibration KL
-    "mse+seq-adaquant": lambda c: c.recipe(steps=[_GIVEN_START]),
-    "aciq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=[_GIVEN_START]),
-    "lapq+seq-adaquant": lambda c: c.recipe(w_range="minmax", a_range="minmax",
-                                            steps=["lapq", _GIVEN_START]),
-    "light": lambda c: Recipe.preset("light", first_last_8bit=c.first_last_8bit, seed=c.seed),
-    "advanced": lambda c: Recipe.preset("advanced", first_last_8bit=c.first_last_8bit, seed=c.seed),
-    # Banner et al.: ACIQ clips the activations; weights stay per-channel min-max (with bit
-    # allocation / bias correction). ACIQ on the weights too ("aciq-wa") clips them too hard at
-    # 3-4 bits (calibration KL, docs/methods.md).
-    "aciq": lambda c: c.recipe(w_range="minmax", a_range="aciq"),
-    "aciq+bc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bias_correction"]),
-    "aciq+alloc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=["bit_allocation"]),
-    "aciq+seqbc": lambda c: c.recipe(w_range="minmax", a_range="aciq", steps=[
-        {"name": "bias_correction", "options": {"mode": "sequential", "guard": False}}]),
-    "aciq-wa": lambda c: c.recipe(w_range="aciq", a_range="aciq"),
-    "aciq-wa+bc": lambda c: c.recipe(w_range="aciq", a_range="aciq", steps=["bias_correction"]),
-    "lp": lambda c: c.recipe(w_range="lp", a_range="lp"),
-    "lapq": lambda c: c.recipe(w_range="minmax", a_range="minmax", steps=["lapq"]),  # LAPQ sets ranges
-}
+    p.stem: _file_method(p) for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}
 
