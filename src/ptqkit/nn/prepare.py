@@ -8,6 +8,7 @@ import logging
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -148,13 +149,17 @@ def _pair_problem(conv: str, bn: str, users: int, uses: Mapping[str, int], bn_mo
 @torch.no_grad()
 def _fold(conv: nn.Module, bn: nn.Module) -> FoldedBN:
     """Fold eval-mode BN into the conv in place: W' = W g/s, b' = (b - mu) g/s + beta."""
-    gamma = bn.weight.detach().clone() if bn.weight is not None else torch.ones_like(bn.running_var)
-    beta = bn.bias.detach().clone() if bn.bias is not None else torch.zeros_like(bn.running_var)
-    factor = gamma / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(factor)
-    conv.bias = nn.Parameter((bias - bn.running_mean) * factor + beta)
-    return FoldedBN(gamma, beta, float(bn.eps), bn.running_mean.clone(), bn.running_var.clone())
+    mean, var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    weight, eps = cast(torch.Tensor, conv.weight), float(cast(float, bn.eps))
+    bn_w, bn_b = cast("torch.Tensor | None", bn.weight), cast("torch.Tensor | None", bn.bias)
+    conv_b = cast("torch.Tensor | None", conv.bias)
+    gamma = bn_w.detach().clone() if bn_w is not None else torch.ones_like(var)
+    beta = bn_b.detach().clone() if bn_b is not None else torch.zeros_like(var)
+    factor = gamma / torch.sqrt(var + eps)
+    weight.mul_(factor.reshape(-1, *([1] * (weight.dim() - 1))))
+    bias = conv_b.detach() if conv_b is not None else torch.zeros_like(factor)
+    conv.bias = nn.Parameter((bias - mean) * factor + beta)
+    return FoldedBN(gamma, beta, eps, mean.clone(), var.clone())
 
 
 def _fold_all(model: nn.Module, state: PTQState,
@@ -191,7 +196,8 @@ def _swap(model: nn.Module, policy: LayerPolicy, folded: dict[str, FoldedBN],
         qcls, custom = quant_class_for(mod)
         why = _float_reason(name, mod, qcls, custom, policy, records)
         if why is None and qcls is not None:
-            q = qcls(mod, w_spec, a_spec, records[name]) if custom else qcls(mod, w_spec, a_spec)
+            make = cast(Callable[..., QuantModule], qcls)
+            q = make(mod, w_spec, a_spec, records[name]) if custom else make(mod, w_spec, a_spec)
             q.folded_bn = folded.get(name)
             set_module(model, name, q)
             swapped.append(name)
@@ -324,8 +330,9 @@ def prepare(model: nn.Module, policy: LayerPolicy,
     unused = [n for n, m in qmodel.named_modules() if isinstance(m, QuantModule)
               and n not in state.layer_order]
     for n in unused:  # never executed: restore nothing, just keep them as float
-        qmodel.get_submodule(n).w_quant.enabled = False
-        qmodel.get_submodule(n).a_quant.enabled = False
+        layer = cast(QuantModule, qmodel.get_submodule(n))
+        layer.w_quant.enabled = False
+        layer.a_quant.enabled = False
     apply_bit_policy(qmodel, policy)
     return qmodel
 
