@@ -13,7 +13,7 @@ import torch
 from . import bench as bench_mod
 from .calib.data import CalibrationData
 from .pipeline import PRESETS, Recipe, quantize
-from .runs import ModelSource, load_run, save_run
+from .runs import ModelSource, RunStage, load_run, save_run
 from .sweep import add_sweep_parser, with_mixed_precision
 
 __all__ = ["main", "build_parser"]
@@ -140,14 +140,16 @@ def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
-    source = ModelSource(args.model, args.weights)
-    model = source.load()
-    calib = _calibration(args, source, recipe)
-    qmodel = quantize(model, calib, recipe)
-    example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
-    if example is None:
-        raise ValueError("saving a run needs tensor calibration batches")
-    out = save_run(args.out, qmodel, source, recipe, example, force=args.force)
+    source = ModelSource(args.model, args.weights).resolved()
+    inputs = [*source.files(), *(Path(p) for p in (args.calib, args.recipe, args.data_dir) if p)]
+    with RunStage(args.out, args.force, inputs) as stage:  # the output is checked before the work
+        model = source.load()
+        calib = _calibration(args, source, recipe)
+        qmodel = quantize(model, calib, recipe)
+        example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
+        if example is None:
+            raise ValueError("saving a run needs tensor calibration batches")
+        out = save_run(args.out, qmodel, source, recipe, example, stage=stage)
     print(qmodel.report)
     print(f"wrote {out}/ (quantized.pt, report.json, recipe.yaml, run.json)")
     return 0
@@ -248,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-size", type=int, help="number of calibration samples (default 1000)")
     q.add_argument("--data-dir", help="Fashion-MNIST folder (for zoo models)")
     q.add_argument("--out", required=True, help="output run directory")
-    q.add_argument("--force", action="store_true", help="replace an existing --out")
+    q.add_argument("--force", action="store_true",
+                   help="replace --out if it holds a ptqkit run (never any other folder)")
     _add_recipe_flags(q)
     q.set_defaults(func=cmd_quantize)
 

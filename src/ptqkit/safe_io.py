@@ -1,0 +1,85 @@
+"""File-system rules shared by the run directory and the CLI: what may be written or replaced,
+how files are replaced atomically, and how unreadable or unwritable files are reported.
+
+Every error is a one-line exception naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+__all__ = ["protected_folder", "check_location", "sibling_dir", "sha256_file", "write_failure",
+           "inside"]
+
+
+def inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (both resolved)."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def protected_folder(path: Path) -> str | None:
+    """What ``path`` is if it must never be replaced or deleted: the file-system root, the home
+    folder or a folder above it, the current directory or a folder above it; else None."""
+    p = path.resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if p == Path(p.anchor):
+        return "the file-system root"
+    if p == cwd:
+        return "the current directory"
+    if p in cwd.parents:
+        return "a folder above the current directory"
+    if p == home:
+        return "your home folder"
+    if p in home.parents:
+        return "a folder above your home folder"
+    return None
+
+
+def check_location(path: Path, flag: str) -> None:
+    """Raise unless ``path`` (a file or folder still to be created) can be created: its nearest
+    existing ancestor must be a folder this user may write to."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: {parent} is a file, not a folder; choose "
+                                 "another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: cannot write to {parent} (permission denied); "
+                              "choose a folder you can write to")
+
+
+def sibling_dir(target: Path, tag: str) -> Path:
+    """Create a hidden, uniquely named folder next to ``target`` (same file system, so it can be
+    renamed onto ``target``); its mode follows the umask like any new folder's."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{tag}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary folder next to {target}")
+
+
+def write_failure(exc: BaseException, path: Path) -> BaseException:
+    """``exc`` raised while writing ``path``, as a one-line error when the disk is full."""
+    text = str(exc)
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left" in text \
+        or "os error 28" in text or ("inline_container.cc" in text and "write" in text)
+    if full:
+        return OSError(f"no space left writing {path}; free some space or write to another disk")
+    return exc
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
