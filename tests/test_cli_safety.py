@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import ptqkit.cli
 from ptqkit import Recipe, quantize
 from ptqkit.cli import main
 from ptqkit.runs import ModelSource, load_run, save_run
-from tests.test_cli import user_model  # noqa: F401  (fixture)
+from tests.test_cli import MODEL_PY, user_model  # noqa: F401  (fixture)
 
 RUN_FILES = {"run.json", "recipe.yaml", "report.json", "quantized.pt", "example.pt"}
 
@@ -173,11 +174,109 @@ def run_dir(user_model, tmp_path: Path) -> Path:  # noqa: F811
     return run
 
 
-# ----------------------------------------------------------------- what run.json lists
+# ----------------------------------------------------------------- no code from a run
+EVIL_PY = MODEL_PY + "\nopen(__file__ + '.imported', 'w').close()\n"
+
+
+@pytest.fixture
+def foreign_run(user_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: F811
+    """A run whose model file leaves a mark when imported, loaded on 'another account'."""
+    net, weights, calib = user_model
+    net.write_text(EVIL_PY)
+    run = tmp_path / "run"
+    assert _quantize(net, weights, calib, run) == 0
+    Path(str(net) + ".imported").unlink()
+    monkeypatch.setenv("PTQKIT_STATE", str(tmp_path / "other-account"))
+    return run
+
+
+def test_a_foreign_run_never_imports_its_model_code(foreign_run: Path, user_model,  # noqa: F811
+                                                    tmp_path: Path, capsys) -> None:
+    net, _, _ = user_model
+    for argv in (["export", str(foreign_run), "--packed", str(tmp_path / "m.safetensors")],
+                 ["eval", str(foreign_run)]):
+        assert main(argv) == 2
+        _one_line_error(capsys)
+        assert not Path(str(net) + ".imported").exists()
+    with pytest.raises(ValueError, match="--trust-run-code"):
+        load_run(foreign_run)
+    assert not Path(str(net) + ".imported").exists()
+
+
+def test_a_foreign_run_loads_with_the_model_named_or_trusted(foreign_run: Path, user_model,  # noqa: F811
+                                                             tmp_path: Path, capsys) -> None:
+    net, weights, _ = user_model
+    assert main(["export", str(foreign_run), "--packed", str(tmp_path / "a.safetensors"),
+                 "--model", f"{net}:make", "--weights", str(weights)]) == 0
+    assert main(["export", str(foreign_run), "--packed", str(tmp_path / "b.safetensors"),
+                 "--trust-run-code"]) == 0
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_an_edited_model_field_is_refused_before_importing(run_dir: Path, tmp_path: Path,
+                                                           capsys) -> None:
+    evil = tmp_path / "evil.py"
+    evil.write_text(EVIL_PY)
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["model"] = f"{evil}:make"
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    assert main(["export", str(run_dir), "--packed", str(tmp_path / "m.safetensors")]) == 2
+    _one_line_error(capsys)
+    assert not Path(str(evil) + ".imported").exists()
+
+
+# ----------------------------------------------------------------- integrity of run dirs
 def test_run_json_records_the_sha256_of_the_state(run_dir: Path) -> None:
     meta = json.loads((run_dir / "run.json").read_text())
     digest = hashlib.sha256((run_dir / "quantized.pt").read_bytes()).hexdigest()
     assert meta["files"]["quantized.pt"] == digest
+
+
+def test_a_changed_state_is_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+    state = torch.load(run_dir / "quantized.pt")
+    key = next(k for k in state if k.endswith("w_quant.scale"))
+    state[key] = state[key] * 2
+    torch.save(state, run_dir / "quantized.pt")
+    assert main(["export", str(run_dir), "--packed", str(tmp_path / "m.safetensors")]) == 2
+    assert "quantized.pt" in _one_line_error(capsys)
+
+
+def test_edited_bits_are_refused(run_dir: Path, tmp_path: Path, capsys) -> None:
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["bits"]["0"] = [4, 4]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    assert main(["export", str(run_dir), "--packed", str(tmp_path / "m.safetensors")]) == 2
+    assert "run.json" in _one_line_error(capsys)
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 0.0, -1.0, float("inf")])
+def test_a_bad_scale_is_refused(bad: float, user_model, tmp_path: Path, capsys) -> None:  # noqa: F811
+    net, weights, calib = user_model
+    run = tmp_path / "run"
+    _tiny_run(net, weights, calib, run, seed=0, force=False)
+    state = torch.load(run / "quantized.pt")
+    key = next(k for k in state if k.endswith("a_quant.scale"))
+    state[key][0] = bad
+    # a run saved with the bad scale in it (hashes and all), not one edited afterwards
+    qmodel, _, _ = load_run(run)
+    qmodel.load_state_dict(state)
+    save_run(run, qmodel, ModelSource(f"{net}:make", str(weights)), Recipe(), torch.load(calib)[:1],
+             force=True)
+    assert main(["export", str(run), "--packed", str(tmp_path / "m.safetensors")]) == 2
+    err = _one_line_error(capsys)
+    assert key in err and "scale" in err
+
+
+def test_bits_that_do_not_fit_the_saved_grid_are_refused(run_dir: Path, user_model) -> None:  # noqa: F811
+    net, weights, _ = user_model
+    meta = json.loads((run_dir / "run.json").read_text())
+    for key in ("files", "digest", "signature"):  # as saved by a ptqkit without hashes
+        meta.pop(key)
+    meta["bits"]["4"] = [2, 2]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="grid"):
+        load_run(run_dir, ModelSource(f"{net}:make", str(weights)))
 
 
 # ----------------------------------------------------------------- output checked first
@@ -212,6 +311,48 @@ def test_output_problems_are_found_before_quantizing(case: str, user_model, tmp_
     assert calls == []
 
 
+# ----------------------------------------------------------------- clear messages
+def test_factory_that_is_not_callable(tmp_path: Path, user_model, capsys) -> None:  # noqa: F811
+    _, _, calib = user_model
+    (tmp_path / "bad.py").write_text("make = 3\n")
+    assert main(["quantize", f"{tmp_path / 'bad.py'}:make", "--calib", str(calib),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = _one_line_error(capsys)
+    assert "object is not callable" not in err and "make" in err and "nn.Module" in err
+
+
+def test_weights_that_do_not_fit_name_the_keys(user_model, tmp_path: Path, capsys) -> None:  # noqa: F811
+    net, weights, calib = user_model
+    state = torch.load(weights)
+    del state["1.running_mean"]
+    state["extra.weight"] = torch.zeros(1)
+    state["4.weight"] = torch.zeros(5, 144)
+    torch.save(state, weights)
+    assert _quantize(net, weights, calib, tmp_path / "run") == 2
+    err = _one_line_error(capsys)
+    assert "Error(s) in loading" not in err
+    assert "1.running_mean" in err and "extra.weight" in err and "4.weight" in err
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "pickled_module", "directory"])
+def test_unreadable_weights_are_called_corrupt(kind: str, user_model, tmp_path: Path,  # noqa: F811
+                                               capsys) -> None:
+    net, weights, calib = user_model
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif kind == "empty":
+        weights.write_bytes(b"")
+    elif kind == "pickled_module":
+        torch.save(nn.Linear(2, 2), weights)
+    else:
+        weights.unlink()
+        weights.mkdir()
+    assert _quantize(net, weights, calib, tmp_path / "run") == 2
+    err = _one_line_error(capsys)
+    assert "weights_only" not in err and "Errno" not in err
+    assert ("corrupt" in err or "not a plain state dict" in err or "not a file" in err)
+
+
 def test_disk_full_names_the_file(user_model, tmp_path: Path, capsys,  # noqa: F811
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     net, weights, calib = user_model
@@ -229,6 +370,75 @@ def test_disk_full_names_the_file(user_model, tmp_path: Path, capsys,  # noqa: F
     assert "no space left writing" in err and "quantized.pt" in err
     assert not (tmp_path / "run").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_run_json_without_a_key_names_it(run_dir: Path, tmp_path: Path, capsys) -> None:
+    meta = json.loads((run_dir / "run.json").read_text())
+    del meta["bits"]
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    assert main(["export", str(run_dir), "--packed", str(tmp_path / "m.safetensors")]) == 2
+    err = _one_line_error(capsys)
+    assert "'bits'" in err and "run.json" in err and err != "ptqkit: error: 'bits'"
+
+
+def test_interrupted_sweep_says_what_it_wrote(tmp_path: Path, capsys,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import ptqkit.sweep
+
+    def interrupted(suite, cfg, on_row=None, done=()):  # type: ignore[no-untyped-def]
+        on_row({"suite": suite, "method": "ip", "budget": 0.25})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptqkit.sweep, "run_sweep", interrupted)
+    rows = tmp_path / "rows.json"
+    assert main(["sweep", "--suite", "fmnist-resnet20", "--json", str(rows)]) == 130
+    err = capsys.readouterr().err
+    assert "nothing was written" not in err and str(rows) in err
+    assert json.loads(rows.read_text())[0]["method"] == "ip"
+
+
+def test_interrupt_before_writing_says_nothing_was_written(user_model, tmp_path: Path, capsys,  # noqa: F811
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    net, weights, calib = user_model
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ptqkit.cli, "quantize", interrupted)
+    assert _quantize(net, weights, calib, tmp_path / "run") == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------- inputs never ignored
+def test_weights_with_a_zoo_model_are_used(tmp_path: Path) -> None:
+    from ptqkit.zoo import load_model
+
+    model = load_model("fmnist-resnet20")
+    state = model.state_dict()
+    fc = next(k for k in state if k.endswith("weight") and state[k].dim() == 2)
+    state[fc] = torch.randn_like(state[fc])
+    torch.save(state, tmp_path / "w.pt")
+    torch.save(torch.randn(8, 1, 28, 28), tmp_path / "calib.pt")
+    assert main(["quantize", "fmnist-resnet20", "--weights", str(tmp_path / "w.pt"),
+                 "--calib", str(tmp_path / "calib.pt"), "--range", "minmax",
+                 "--out", str(tmp_path / "run")]) == 0
+    _, float_model, _ = load_run(tmp_path / "run")
+    assert torch.equal(float_model.state_dict()[fc], state[fc])
+
+
+@pytest.mark.parametrize("argv, flag", [(["--calib-size", "0"], "--calib-size"),
+                                        (["--calib-size", "-3"], "--calib-size"),
+                                        (["--range="], "--range"),
+                                        (["--w-range="], "--w-range"),
+                                        (["--recipe="], "--recipe")])
+def test_empty_or_zero_inputs_are_refused(argv: list[str], flag: str, user_model,  # noqa: F811
+                                          tmp_path: Path, capsys) -> None:
+    net, weights, calib = user_model
+    assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+                 "--out", str(tmp_path / "run"), *argv]) == 2
+    assert flag in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------- portable run directories

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import torch
 from . import bench as bench_mod
 from .calib.data import CalibrationData
 from .pipeline import PRESETS, Recipe, quantize
-from .runs import ModelSource, RunStage, load_run, save_run
+from .runs import ModelSource, RunStage, load_example, load_run, read_run, save_run
+from .safe_io import load_tensors
 from .sweep import add_sweep_parser, with_mixed_precision
 
 __all__ = ["main", "build_parser"]
@@ -94,7 +96,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                       ("w_range", "w_range"), ("a_range", "a_range")):
         if getattr(args, flag) is not None:
             d[key] = getattr(args, flag)
-    if args.range_:
+    if args.range_ is not None:
         d["w_range"] = d["a_range"] = args.range_
     if args.no_first_last_8bit:
         d["first_last_8bit"] = False
@@ -112,8 +114,15 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return with_mixed_precision(Recipe.from_dict(d), **mp) if mp else Recipe.from_dict(d)
 
 
-def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) -> CalibrationData:
-    n = args.calib_size or 1000
+def _calib_size(args: argparse.Namespace) -> int:
+    n = 1000 if args.calib_size is None else int(args.calib_size)
+    if n < 1:
+        raise ValueError(f"--calib-size {n}: the calibration set needs at least 1 sample (default 1000)")
+    return n
+
+
+def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe, n: int
+                 ) -> CalibrationData:
     if args.calib and Path(args.calib).is_dir():
         if not args.preprocess:
             raise ValueError(f"--calib {args.calib} is a folder of images: name its preprocessing "
@@ -123,10 +132,8 @@ def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) 
         return CalibrationData(load_image_folder(args.calib, args.preprocess, n), limit=n, batch_size=32)
     if args.calib:
         path = Path(args.calib)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {path} does not exist")
-        x = (torch.from_numpy(__import__("numpy").load(path)) if path.suffix == ".npy"
-             else torch.load(path, map_location="cpu", weights_only=True))
+        x = load_tensors(path, "calibration file", "save one tensor (N, ...) with torch.save or "
+                         "numpy.save")
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{path} must hold one tensor of inputs (N, ...), got {type(x).__name__}")
         return CalibrationData(x.float(), limit=n)
@@ -140,11 +147,12 @@ def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe) 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
+    n = _calib_size(args)
     source = ModelSource(args.model, args.weights).resolved()
     inputs = [*source.files(), *(Path(p) for p in (args.calib, args.recipe, args.data_dir) if p)]
     with RunStage(args.out, args.force, inputs) as stage:  # the output is checked before the work
         model = source.load()
-        calib = _calibration(args, source, recipe)
+        calib = _calibration(args, source, recipe, n)
         qmodel = quantize(model, calib, recipe)
         example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
         if example is None:
@@ -155,13 +163,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_source(args: argparse.Namespace) -> ModelSource | None:
+    """The model source given with --model/--weights for loading a run, or None."""
+    if args.weights and not args.model:
+        raise ValueError("--weights goes with --model: name the model to rebuild the run on")
+    return ModelSource(args.model, args.weights).resolved() if args.model else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
 
-    qmodel, float_model, meta = load_run(args.run_dir)
-    if not str(meta["model"]).startswith("fmnist-"):
+    source = _run_source(args)
+    model = source.spec if source else str(read_run(args.run_dir)["model"])
+    if not model.startswith("fmnist-"):
         raise ValueError("eval knows the test split of the fmnist-* zoo models only; "
                          "use ptqkit.evaluate.evaluate() from Python for other models")
+    qmodel, float_model, meta = load_run(args.run_dir, source, args.trust_run_code)
     from .zoo import fmnist_test
 
     x, y = fmnist_test(args.data_dir)
@@ -221,15 +238,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.onnx import export_onnx
     from .export.packed import save
 
-    qmodel, _, _ = load_run(args.run_dir)
     if not (args.onnx or args.packed):
         raise ValueError("nothing to export: pass --onnx FILE and/or --packed FILE")
+    qmodel, _, _ = load_run(args.run_dir, _run_source(args), args.trust_run_code)
     if args.onnx:
-        info = export_onnx(qmodel, args.onnx, torch.load(Path(args.run_dir) / "example.pt"))
+        info = export_onnx(qmodel, args.onnx, load_example(args.run_dir))
         print(f"wrote {info.path}" + "".join(f"\n  note: {n}" for n in info.notes))
     if args.packed:
         print(f"wrote {save(qmodel, args.packed)}")
     return 0
+
+
+def _add_run_source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="rebuild the run on this model (same forms as for quantize) "
+                   "instead of importing the code its run.json names")
+    p.add_argument("--weights", help="with --model: its state dict (default: the run's weights)")
+    p.add_argument("--trust-run-code", action="store_true",
+                   help="import the model code run.json names even though this account did not "
+                   "make the run (only for runs you trust: it runs that code)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -241,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a run directory")
     q.add_argument("model", help="zoo name (fmnist-resnet20, fmnist-mobilenetv2), file.py:factory or "
                    "package.module:factory, optionally with literal arguments: 'pkg.mod:f(1, x=2)'")
-    q.add_argument("--weights", help="state dict (.pt/.pth/.safetensors) for file.py:factory models")
+    q.add_argument("--weights", help="state dict (.pt/.pth/.safetensors) of the model (zoo models: "
+                   "instead of the trained weights)")
     q.add_argument("--calib", help="calibration inputs: .pt tensor or .npy array (N, ...), or a folder "
                    "of images (with --preprocess)")
     q.add_argument("--preprocess", choices=["imagenet"],
@@ -258,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a run directory on the test split")
     e.add_argument("run_dir")
     e.add_argument("--data-dir")
+    _add_run_source_flags(e)
     e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="quantize fmnist-resnet20 at W8A8 and W4A4 and compare with float")
@@ -290,8 +318,47 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--onnx", help="output .onnx file")
     x.add_argument("--packed", help="output packed .safetensors checkpoint")
+    _add_run_source_flags(x)
     x.set_defaults(func=cmd_export)
     return p
+
+
+def _refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An option given an empty value (``--range=``) is an error, never a silent default."""
+    actions = list(parser._actions)
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            actions += a.choices[args.command]._actions
+    for a in actions:
+        value = getattr(args, a.dest, None)
+        if value == "" or (isinstance(value, list) and "" in value):
+            name = max(a.option_strings, key=len) if a.option_strings else a.dest
+            raise ValueError(f"{name} was given an empty value; give a value or leave it out")
+
+
+_OUTPUTS = ("out", "json", "plot", "onnx", "packed")
+
+
+def _stamps(args: argparse.Namespace) -> dict[str, tuple[int, int, int] | None]:
+    """(inode, size, mtime) of each output path the command names (None: absent)."""
+    paths = [str(getattr(args, k)) for k in _OUTPUTS if getattr(args, k, None)]
+    out: dict[str, tuple[int, int, int] | None] = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[p] = None
+    return out
+
+
+def _written(args: argparse.Namespace, before: dict[str, Any]) -> str:
+    """The outputs the command changed since ``before``, e.g. rows a sweep saved: '' if none."""
+    changed = [p for p, stamp in _stamps(args).items() if stamp is not None and stamp != before.get(p)]
+    if not changed:
+        return ""
+    resume = " (run the same command again to resume)" if args.command == "sweep" else ""
+    return f"already written: {', '.join(changed)}{resume}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,16 +366,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    before = _stamps(args)
     try:
+        _refuse_empty_values(parser, args)
         return int(args.func(args))
     except KeyboardInterrupt:
-        print("ptqkit: interrupted; nothing was written", file=sys.stderr)
+        print(f"ptqkit: interrupted; {_written(args, before) or 'nothing was written'}", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user; --debug shows the traceback
         if args.debug:
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"ptqkit: error: {msg}", file=sys.stderr)
+        written = _written(args, before)
+        print(f"ptqkit: error: {msg}" + (f" ({written})" if written else ""), file=sys.stderr)
         return 2
 
 

@@ -1,19 +1,29 @@
 """A run directory: what ``ptqkit quantize --out DIR`` writes and ``eval``/``export`` read.
 
 DIR/run.json       format version, model source (zoo name, or file.py:factory with absolute paths,
-                   or package.module:factory, plus weights), bits, the sha256 of every other file
+                   or package.module:factory, plus weights), bits, the sha256 of every other
+                   file, a digest of all of it and, when the account has a key, its signature
 DIR/recipe.yaml    the recipe
 DIR/report.json    the report
 DIR/quantized.pt   state dict of the simulated quantized model
 DIR/example.pt     one input sample (to rebuild the layer order)
+(and any mixed-precision table the recipe saved there, listed in run.json)
 
 A run is written to a temporary sibling and renamed into place; an existing run is renamed
 aside first and deleted last, so a failure at any point leaves the old or the new run whole.
 Only a folder that is a ptqkit run (every file in it listed by its run.json) is ever replaced.
+
+Loading verifies the digest and the hashes, and checks the saved quantizers (finite, positive
+scales; zero-points on the grid of the recorded bits). It imports model code named in run.json
+only for a run signed by this account (an HMAC with a per-user key, kept in ``$PTQKIT_STATE``,
+default ``$XDG_STATE_HOME/ptqkit`` or ``~/.local/state/ptqkit``), when the caller names the model
+source itself, or with ``trust_code=True``; zoo models are always rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -36,18 +46,23 @@ from .pipeline import Recipe, layer_bits, rebuild
 from .safe_io import (
     check_location,
     inside,
+    load_tensors,
     protected_folder,
     sha256_file,
     sibling_dir,
     write_failure,
 )
 
-__all__ = ["RUN_FORMAT", "RUN_FILES", "ModelSource", "RunStage", "save_run", "load_run", "run_files"]
+__all__ = ["RUN_FORMAT", "RUN_FILES", "ModelSource", "RunStage", "save_run", "load_run", "read_run",
+           "load_example", "run_files", "load_state"]
 
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = 1
 RUN_FILES = ("run.json", "recipe.yaml", "report.json", "quantized.pt", "example.pt")
+_REQUIRED = ("format", "model", "bits")
+_UNSIGNED = ("digest", "signature")  # run.json entries the digest does not cover
+_REDO = "quantize again"
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,11 @@ class ModelSource:
         from .zoo import load_model
 
         if self.is_zoo:
-            return load_model(self.spec)
+            model = load_model(self.spec, pretrained=self.weights is None)
+            if self.weights:
+                load_state(model, _read_state_dict(self.weights), f"weights file {self.weights}",
+                           f"the zoo model {self.spec}")
+            return model.eval()
         return _load_factory(self.spec, self.weights)
 
 
@@ -142,31 +161,91 @@ def _load_factory(spec: str, weights: str | None) -> nn.Module:
         if not hasattr(obj, part):
             raise ValueError(f"{where} has no function {name!r}")
         obj = getattr(obj, part)
-    model = obj(*args, **kwargs)  # type: ignore[operator]
+    if not callable(obj):
+        raise TypeError(f"{where}:{name} is a {type(obj).__name__}, not a function or class; name "
+                        "the factory that returns the torch.nn.Module")
+    model = obj(*args, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
     if weights:
-        model.load_state_dict(_read_state_dict(weights))
+        load_state(model, _read_state_dict(weights), f"weights file {weights}", f"the model {spec}")
     return model.eval()
 
 
 def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path, "weights file", "save it with torch.save(model.state_dict(), path)")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+        raise ValueError(f"weights file {path} is not a plain state dict (it holds a "
+                         f"{type(state).__name__}); save it with torch.save(model.state_dict(), path)")
     return state
 
 
 def _few(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_state(model: nn.Module, state: dict[str, Any], what: str, into: str) -> None:
+    """``model.load_state_dict(state)``; a state that does not fit raises a one-line ValueError
+    naming the first missing, unexpected and mis-shaped keys."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        expected = model.state_dict()
+        shape = lambda v: tuple(v.shape) if hasattr(v, "shape") else type(v).__name__  # noqa: E731
+        parts = [f"{label} {_few(keys)}" for label, keys in (
+            ("missing", [k for k in expected if k not in state]),
+            ("unexpected", [k for k in state if k not in expected]),
+            ("shape (file vs model)", [f"{k} {shape(state[k])} vs {shape(expected[k])}" for k in state
+                                       if k in expected and shape(state[k]) != shape(expected[k])]))
+            if keys]
+        raise ValueError(f"{what} does not fit {into}: {'; '.join(parts) or 'refused by torch'}; was "
+                         "it saved from another model?") from None
+
+
+# ----------------------------------------------------------------------------- signing
+def _key(create: bool) -> bytes | None:
+    """This account's run-signing key (32 random bytes, a 0600 file), created on first use."""
+    base = os.environ.get("PTQKIT_STATE")
+    folder = Path(base) if base else Path(os.environ.get("XDG_STATE_HOME") or
+                                          Path.home() / ".local" / "state") / "ptqkit"
+    path = folder / "run-signing.key"
+    try:
+        return path.read_bytes() or None
+    except FileNotFoundError:
+        if not create:
+            return None
+    except OSError:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        log.info("runs are left unsigned: cannot create %s (%s)", path, exc)
+        return None
+    return path.read_bytes() or None
+
+
+def _digest(meta: dict[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k not in _UNSIGNED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _signature(key: bytes, digest: str) -> str:
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
+def _signed_here(meta: dict[str, Any]) -> bool:
+    """Whether this account's key signed the run (so this user ran its model code to make it)."""
+    key = _key(create=False)
+    sig = meta.get("signature")
+    return bool(key and isinstance(sig, str) and "digest" in meta
+                and hmac.compare_digest(sig, _signature(key, str(meta["digest"]))))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -345,33 +424,140 @@ def save_run(out: str | os.PathLike[str], qmodel: nn.Module, source: ModelSource
     _write(stage, "example.pt", lambda p: torch.save(example[:1].clone(), p))
     meta["files"] = {p.relative_to(stage.path).as_posix(): sha256_file(p)
                      for p in sorted(stage.path.rglob("*")) if p.is_file()}
+    meta["digest"] = _digest(meta)
+    key = _key(create=True)
+    if key:
+        meta["signature"] = _signature(key, meta["digest"])
     _write(stage, "run.json", lambda p: p.write_text(json.dumps(meta, indent=1) + "\n"))
     return stage.commit()
 
 
-def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """(quantized model, float model, run metadata) from a run directory."""
+# ----------------------------------------------------------------------------- reading
+def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """run.json of ``run_dir``, verified: the required entries are there, the digest matches and
+    every file it lists is present with its sha256. Runs saved without hashes load with a
+    warning. Raises a one-line error naming the file otherwise."""
     run_dir = Path(run_dir)
     meta_path = run_dir / "run.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a ptqkit run directory (no run.json); "
                                 "create one with `ptqkit quantize ... --out DIR`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON ({exc}); the run is damaged: {_REDO}"
+                         ) from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} does not hold a JSON object; the run is damaged: {_REDO}")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} has no {missing[0]!r} entry: the run is incomplete or was "
+                         f"edited; {_REDO}")
     if meta.get("format") != RUN_FORMAT:
         raise ValueError(f"{run_dir}: run format {meta.get('format')} is not supported "
                          f"(expected {RUN_FORMAT})")
+    if "digest" not in meta:
+        log.warning("%s has no hashes (saved by an older ptqkit): its files cannot be verified",
+                    meta_path)
+        return meta
+    if meta["digest"] != _digest(meta):
+        raise ValueError(f"{meta_path} was changed after the run was saved (its digest does not "
+                         f"match); {_REDO}")
+    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    for name in RUN_FILES[1:]:
+        if name not in files:
+            raise ValueError(f"{meta_path} lists no hash for {name}; {_REDO}")
+    for rel, sha in files.items():
+        path = run_dir / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not path.is_file():
+            raise FileNotFoundError(f"{run_dir} is incomplete: {rel} is missing; {_REDO}")
+        if sha256_file(path) != sha:
+            raise ValueError(f"{path} does not match the sha256 in run.json: it was changed or "
+                             f"damaged after the run was saved; {_REDO}")
+    return meta
+
+
+def load_example(run_dir: str | os.PathLike[str]) -> torch.Tensor:
+    """The run's example input (1, ...)."""
+    x = load_tensors(Path(run_dir) / "example.pt", "run file", _REDO)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{Path(run_dir) / 'example.pt'} does not hold a tensor; {_REDO}")
+    return x
+
+
+def _source(run_dir: Path, meta: dict[str, Any], source: ModelSource | None,
+            trust_code: bool) -> ModelSource:
+    if source is not None:
+        weights = source.weights or meta.get("weights")
+        if weights and not source.weights and not Path(weights).is_file():
+            raise FileNotFoundError(f"the run's weights file {weights} does not exist here; pass "
+                                    "the model's weights with --weights")
+        return ModelSource(source.spec, weights)
+    named = ModelSource(str(meta["model"]), meta.get("weights"))
+    if named.is_zoo or trust_code or _signed_here(meta):
+        return named
+    raise ValueError(f"{run_dir} names Python code as its model ({named.spec}) and was not made on "
+                     "this account, so ptqkit will not import it: pass the model source yourself "
+                     f"(--model {named.spec}, load_run(source=...)) or --trust-run-code "
+                     "(trust_code=True) if you trust this run")
+
+
+def _check_quantizers(qmodel: nn.Module, state: dict[str, Any], where: Path) -> None:
+    """Every saved scale finite and > 0; zero-points on the grid of the bits run.json gives."""
+    for name, q in qmodel.named_modules():
+        if not isinstance(q, Quantizer):
+            continue
+        scale, zp = state.get(f"{name}.scale"), state.get(f"{name}.zero_point")
+        if isinstance(scale, torch.Tensor) and scale.is_floating_point():
+            bad = ~torch.isfinite(scale) | (scale <= 0)
+            if bool(bad.any()):
+                raise ValueError(f"{where}: {name}.scale holds {float(scale[bad][0])} (scales must be "
+                                 f"finite and > 0); the run is damaged: {_REDO}")
+        initialized = state.get(f"{name}.initialized")
+        if isinstance(zp, torch.Tensor) and initialized is not None and bool(initialized):
+            z = torch.round(zp.float())
+            if not bool(torch.isfinite(z).all()) or bool((z < q.spec.qmin - 1).any()) \
+                    or bool((z > q.spec.qmax + 1).any()):
+                raise ValueError(f"{where}: {name} has zero-points outside the {q.spec.bits}-bit "
+                                 f"grid run.json gives it; run.json and quantized.pt do not belong "
+                                 f"together: {_REDO}")
+
+
+def load_run(run_dir: str | os.PathLike[str], source: ModelSource | None = None,
+             trust_code: bool = False) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """(quantized model, float model, run metadata) from a run directory, verified (see the
+    module docstring).
+
+    Model code (a .py file or a package) named in run.json is imported only if the run was
+    signed by this account's key, or with ``trust_code=True``; otherwise pass ``source``, the
+    model to rebuild the run on (its weights default to the run's). Zoo models are always
+    rebuilt. Anything else raises a one-line ValueError before any code is imported.
+    """
+    run_dir = Path(run_dir)
+    meta = read_run(run_dir)
+    src = _source(run_dir, meta, source, trust_code)
+    bits = meta["bits"]
+    if not isinstance(bits, dict) or not all(isinstance(b, list) and len(b) == 2 for b in bits.values()):
+        raise ValueError(f"{run_dir / 'run.json'}: 'bits' must map layer names to [w, a]; {_REDO}")
     recipe = Recipe.from_yaml(run_dir / "recipe.yaml")
-    float_model = ModelSource(meta["model"], meta.get("weights")).load()
-    example = torch.load(run_dir / "example.pt", weights_only=True)
-    qmodel = rebuild(float_model, recipe, {n: tuple(b) for n, b in meta["bits"].items()}, example)
+    float_model = src.load()
+    qmodel = rebuild(float_model, recipe, {n: tuple(b) for n, b in bits.items()}, load_example(run_dir))
     layers = quant_layers(qmodel)
+    unknown = [n for n in (*meta.get("biased", []), *meta.get("output_bits", {})) if n not in layers]
+    if unknown:
+        raise ValueError(f"{run_dir / 'run.json'} names layers the model does not have: "
+                         f"{_few(unknown)}; was it saved from a different model?")
     for name in meta.get("biased", []):
         layers[name].ensure_bias()
-    state = torch.load(run_dir / "quantized.pt", weights_only=True)
+    state = load_tensors(run_dir / "quantized.pt", "run file", _REDO)
+    if not isinstance(state, dict):
+        raise ValueError(f"{run_dir / 'quantized.pt'} is not a state dict; {_REDO}")
     symmetric = set(meta.get("output_symmetric", []))
-    for name, bits in meta.get("output_bits", {}).items():  # output quantizers (int_outputs step)
-        layers[name].o_quant = Quantizer(QuantSpec(int(bits), symmetric=name in symmetric))
-    for path, (bits, sym) in meta.get("module_outputs", {}).items():  # residual adds (int_outputs)
-        install_output_quantizer(qmodel, path, Quantizer(QuantSpec(int(bits), symmetric=sym)))
-    qmodel.load_state_dict(state)
+    for name, b in meta.get("output_bits", {}).items():  # output quantizers (int_outputs step)
+        layers[name].o_quant = Quantizer(QuantSpec(int(b), symmetric=name in symmetric))
+    for path, (b, sym) in meta.get("module_outputs", {}).items():  # residual adds (int_outputs)
+        install_output_quantizer(qmodel, path, Quantizer(QuantSpec(int(b), symmetric=sym)))
+    _check_quantizers(qmodel, state, run_dir / "quantized.pt")
+    load_state(qmodel, state, f"{run_dir / 'quantized.pt'}", f"the model {src.spec} rebuilt with "
+               "run.json's bits")
     return qmodel, float_model, meta

@@ -11,9 +11,10 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
-__all__ = ["protected_folder", "check_location", "sibling_dir", "sha256_file", "write_failure",
-           "inside"]
+__all__ = ["protected_folder", "check_location", "sibling_dir", "sha256_file", "load_tensors",
+           "write_failure", "inside"]
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -83,3 +84,39 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def load_tensors(path: str | os.PathLike[str], what: str, fix: str) -> Any:
+    """The content of a torch (.pt/.pth, safe loader: tensors and plain containers only) or
+    .safetensors file. A missing, unreadable, truncated or unsafe file raises a one-line
+    ValueError/FileNotFoundError naming ``what`` (e.g. 'weights file') and ``fix``."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty (corrupt or not fully written); {fix}")
+    if path.suffix == ".npy":
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except Exception as exc:
+            raise ValueError(f"{what} {path} is corrupt or not a plain numeric array "
+                             f"({type(exc).__name__}); {fix}") from None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{what} {path} is not a plain state dict: it holds Python objects "
+                         f"(e.g. a whole pickled model) that ptqkit does not load; {fix}") from None
+    except Exception as exc:  # truncated or not a torch file at all: RuntimeError, EOFError, OSError
+        raise ValueError(f"{what} {path} is corrupt or truncated ({type(exc).__name__}); {fix}"
+                         ) from None
