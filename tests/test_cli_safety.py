@@ -165,13 +165,102 @@ def test_force_keeps_the_old_or_the_new_run_whatever_fails(fn: str, k: int, user
     assert all(n.startswith(".run.old-") for n in left) and (not left or fn == "shutil.rmtree")
 
 
-# ----------------------------------------------------------------- a run to load
+# ----------------------------------------------------------------- export never overwrites
 @pytest.fixture
 def run_dir(user_model, tmp_path: Path) -> Path:  # noqa: F811
     net, weights, calib = user_model
     run = tmp_path / "run"
     assert _quantize(net, weights, calib, run) == 0
     return run
+
+
+def test_export_refuses_an_existing_file_unless_forced(run_dir: Path, tmp_path: Path, capsys) -> None:
+    packed = tmp_path / "m.safetensors"
+    packed.write_text("mine")
+    assert main(["export", str(run_dir), "--packed", str(packed)]) == 2
+    assert "--force" in _one_line_error(capsys)
+    assert packed.read_text() == "mine"
+    assert main(["export", str(run_dir), "--packed", str(packed), "--force"]) == 0
+    assert packed.read_bytes() != b"mine"
+
+
+@pytest.mark.parametrize("name", ["quantized.pt", "run.json", "example.pt"])
+def test_export_never_overwrites_the_runs_own_files(name: str, run_dir: Path, capsys) -> None:
+    before = _tree(run_dir)
+    assert main(["export", str(run_dir), "--packed", str(run_dir / name), "--force"]) == 2
+    assert "part of the run" in _one_line_error(capsys)
+    assert _tree(run_dir) == before
+    load_run(run_dir)
+
+
+def test_failing_export_leaves_no_half_written_file(run_dir: Path, tmp_path: Path, capsys,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnx")
+    import onnx
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("simulated checker failure")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "old.onnx").write_text("mine")
+    assert main(["export", str(run_dir), "--onnx", str(out / "new.onnx")]) == 2
+    assert main(["export", str(run_dir), "--onnx", str(out / "old.onnx"), "--force"]) == 2
+    capsys.readouterr()
+    assert _tree(out) == {"old.onnx": b"mine"}
+
+
+# ----------------------------------------------------------------- mixed precision tables
+def _mp_recipe(tmp_path: Path, table: str | None) -> Path:
+    recipe = tmp_path / "mp.yaml"
+    option = f", save_table: '{table}'" if table else ""
+    recipe.write_text(f"steps:\n- name: mixed_precision\n  options: {{compression: 0.2{option}}}\n")
+    return recipe
+
+
+def test_relative_save_table_is_written_inside_the_run(user_model, tmp_path: Path,  # noqa: F811
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    net, weights, calib = user_model
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert _quantize(net, weights, calib, tmp_path / "run", "--recipe", str(_mp_recipe(tmp_path, "t.json")),
+                     "--no-first-last-8bit") == 0
+    assert (tmp_path / "run" / "t.json").is_file() and list(work.iterdir()) == []
+    assert json.loads((tmp_path / "run" / "t.json").read_text())["layers"]
+    load_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("table", ["ABS", "../escape.json", "quantized.pt"])
+def test_recipe_save_table_cannot_write_outside_the_run(table: str, user_model, tmp_path: Path,  # noqa: F811
+                                                        capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    net, weights, calib = user_model
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    victim = tmp_path / "victim.json"
+    victim.write_text("mine")
+    table = str(victim) if table == "ABS" else table
+    assert _quantize(net, weights, calib, tmp_path / "run", "--recipe", str(_mp_recipe(tmp_path, table)),
+                     "--no-first-last-8bit") == 2
+    assert "save_table" in _one_line_error(capsys)
+    assert victim.read_text() == "mine"
+    assert not (tmp_path / "escape.json").exists() and not (tmp_path / "run").exists()
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_save_table_on_the_command_line_may_be_absolute(user_model, tmp_path: Path,  # noqa: F811
+                                                        capsys) -> None:
+    net, weights, calib = user_model
+    table = tmp_path / "table.json"
+    table.write_text("mine")
+    argv = ["--recipe", str(_mp_recipe(tmp_path, None)), "--no-first-last-8bit",
+            "--save-table", str(table)]
+    assert _quantize(net, weights, calib, tmp_path / "run", *argv) == 2
+    assert "--force" in _one_line_error(capsys)
+    assert table.read_text() == "mine" and not (tmp_path / "run").exists()
+    assert _quantize(net, weights, calib, tmp_path / "run", *argv, "--force") == 0
+    assert json.loads(table.read_text())["layers"]
 
 
 # ----------------------------------------------------------------- no code from a run
@@ -463,11 +552,13 @@ def test_outputs_follow_the_umask(run_dir: Path, tmp_path: Path) -> None:
     try:
         out = tmp_path / "run2"
         assert main(["quantize", "--out", str(out), *_argv_of(run_dir)]) == 0
+        assert main(["export", str(out), "--packed", str(tmp_path / "m.safetensors")]) == 0
     finally:
         os.umask(old)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(out) == 0o750
     assert {mode(p) for p in out.iterdir()} == {0o640}
+    assert mode(tmp_path / "m.safetensors") == 0o640
 
 
 def _argv_of(run_dir: Path) -> list[str]:

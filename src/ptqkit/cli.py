@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,9 +15,9 @@ import torch
 
 from . import bench as bench_mod
 from .calib.data import CalibrationData
-from .pipeline import PRESETS, Recipe, quantize
-from .runs import ModelSource, RunStage, load_example, load_run, read_run, save_run
-from .safe_io import load_tensors
+from .pipeline import PRESETS, Recipe, StepSpec, quantize
+from .runs import RUN_FILES, ModelSource, RunStage, load_example, load_run, read_run, run_files, save_run
+from .safe_io import check_new_file, inside, load_tensors, replacing_file
 from .sweep import add_sweep_parser, with_mixed_precision
 
 __all__ = ["main", "build_parser"]
@@ -145,21 +147,79 @@ def _calibration(args: argparse.Namespace, source: ModelSource, recipe: Recipe, 
                      "(.pt tensor or .npy array of shape (N, ...))")
 
 
+def _table_target(table: str, from_cli: bool, args: argparse.Namespace, stage: RunStage,
+                  inputs: list[Path], moves: list[tuple[Path, Path]]) -> Path:
+    """Where the mixed_precision step writes the table named ``table`` (see _with_tables)."""
+    path = Path(table)
+    if path.is_absolute() and from_cli and inside(path, stage.out):
+        path = path.resolve().relative_to(stage.out.resolve())
+    if path.is_absolute():
+        if not from_cli:
+            raise ValueError(f"recipe step mixed_precision: save_table {table} is an absolute path; "
+                             "give a path relative to the run directory, or pass --save-table "
+                             f"{table} on the command line")
+        check_new_file(path, args.force, "--save-table", keep=inputs)
+        tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(4)}"
+        moves.append((tmp, path))
+        return tmp
+    rel = Path(os.path.normpath(path))
+    if rel.parts[:1] in (("..",), (".",)):
+        raise ValueError(f"save_table {table} leaves the run directory; give a path inside it, "
+                         f"e.g. tables/{path.name}")
+    if rel.as_posix() in RUN_FILES:
+        raise ValueError(f"save_table {table} is one of the run's own files; choose another name")
+    (stage.path / rel).parent.mkdir(parents=True, exist_ok=True)
+    return stage.path / rel
+
+
+def _with_tables(recipe: Recipe, args: argparse.Namespace, stage: RunStage, inputs: list[Path]
+                 ) -> tuple[Recipe, list[tuple[Path, Path]]]:
+    """The recipe to quantize with, its mixed_precision ``save_table`` paths redirected, and the
+    (temporary, final) files to move into place once the run is saved.
+
+    A relative table path (from the recipe or --save-table) is inside the run directory and is
+    written with the run. An absolute path is allowed from --save-table only: it must not exist
+    unless --force, and is written to a temporary file beside it, moved there after the run.
+    """
+    if args.save_table is not None:
+        recipe = with_mixed_precision(recipe, save_table=args.save_table)
+    steps: list[StepSpec] = []
+    moves: list[tuple[Path, Path]] = []
+    for s in recipe.steps:
+        table = s.options.get("save_table") if s.name == "mixed_precision" else None
+        if table:
+            target = _table_target(str(table), table == args.save_table, args, stage, inputs, moves)
+            s = StepSpec(s.name, {**s.options, "save_table": str(target)})
+        steps.append(s)
+    return dataclasses.replace(recipe, steps=tuple(steps)), moves
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     n = _calib_size(args)
     source = ModelSource(args.model, args.weights).resolved()
     inputs = [*source.files(), *(Path(p) for p in (args.calib, args.recipe, args.data_dir) if p)]
     with RunStage(args.out, args.force, inputs) as stage:  # the output is checked before the work
-        model = source.load()
-        calib = _calibration(args, source, recipe, n)
-        qmodel = quantize(model, calib, recipe)
-        example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
-        if example is None:
-            raise ValueError("saving a run needs tensor calibration batches")
-        out = save_run(args.out, qmodel, source, recipe, example, stage=stage)
+        run_recipe, moves = _with_tables(recipe, args, stage, inputs)
+        try:
+            model = source.load()
+            calib = _calibration(args, source, recipe, n)
+            qmodel = quantize(model, calib, run_recipe)
+            report = getattr(qmodel, "report", None)
+            if report is not None:
+                report.recipe = recipe.to_dict()  # as given, not the redirected table paths
+            example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
+            if example is None:
+                raise ValueError("saving a run needs tensor calibration batches")
+            out = save_run(args.out, qmodel, source, recipe, example, stage=stage)
+            for tmp, target in moves:
+                os.replace(tmp, target)
+        finally:
+            for tmp, _ in moves:
+                tmp.unlink(missing_ok=True)
     print(qmodel.report)
-    print(f"wrote {out}/ (quantized.pt, report.json, recipe.yaml, run.json)")
+    print(f"wrote {out}/ (quantized.pt, report.json, recipe.yaml, run.json)"
+          + "".join(f"\nwrote {target}" for _, target in moves))
     return 0
 
 
@@ -238,14 +298,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.onnx import export_onnx
     from .export.packed import save
 
-    if not (args.onnx or args.packed):
+    targets = {flag: Path(v) for flag, v in (("--onnx", args.onnx), ("--packed", args.packed)) if v}
+    if not targets:
         raise ValueError("nothing to export: pass --onnx FILE and/or --packed FILE")
-    qmodel, _, _ = load_run(args.run_dir, _run_source(args), args.trust_run_code)
+    if len({p.resolve() for p in targets.values()}) < len(targets):
+        raise ValueError("--onnx and --packed name the same file; give each its own path")
+    run_dir = Path(args.run_dir)
+    own = {(run_dir / f).resolve() for f in (*RUN_FILES, *run_files(run_dir))}
+    for flag, path in targets.items():
+        if path.resolve() in own:
+            raise ValueError(f"{flag} {path} is part of the run {run_dir}; choose a path outside it")
+        check_new_file(path, args.force, flag)
+    qmodel, _, _ = load_run(run_dir, _run_source(args), args.trust_run_code)
     if args.onnx:
-        info = export_onnx(qmodel, args.onnx, load_example(args.run_dir))
-        print(f"wrote {info.path}" + "".join(f"\n  note: {n}" for n in info.notes))
+        with replacing_file(targets["--onnx"]) as tmp:
+            info = export_onnx(qmodel, tmp, load_example(run_dir))
+        print(f"wrote {targets['--onnx']}" + "".join(f"\n  note: {n}" for n in info.notes))
     if args.packed:
-        print(f"wrote {save(qmodel, args.packed)}")
+        with replacing_file(targets["--packed"]) as tmp:
+            save(qmodel, tmp)
+        print(f"wrote {targets['--packed']}")
     return 0
 
 
@@ -278,7 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--data-dir", help="Fashion-MNIST folder (for zoo models)")
     q.add_argument("--out", required=True, help="output run directory")
     q.add_argument("--force", action="store_true",
-                   help="replace --out if it holds a ptqkit run (never any other folder)")
+                   help="replace --out if it holds a ptqkit run (never any other folder), and an "
+                   "existing --save-table file")
+    q.add_argument("--save-table", metavar="PATH",
+                   help="mixed precision: write the sensitivity table here (relative: inside the run)")
     _add_recipe_flags(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -318,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("--onnx", help="output .onnx file")
     x.add_argument("--packed", help="output packed .safetensors checkpoint")
+    x.add_argument("--force", action="store_true", help="replace existing output files")
     _add_run_source_flags(x)
     x.set_defaults(func=cmd_export)
     return p
@@ -336,7 +412,7 @@ def _refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespa
             raise ValueError(f"{name} was given an empty value; give a value or leave it out")
 
 
-_OUTPUTS = ("out", "json", "plot", "onnx", "packed")
+_OUTPUTS = ("out", "json", "plot", "onnx", "packed", "save_table")
 
 
 def _stamps(args: argparse.Namespace) -> dict[str, tuple[int, int, int] | None]:

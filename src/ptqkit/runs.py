@@ -463,7 +463,8 @@ def read_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if meta["digest"] != _digest(meta):
         raise ValueError(f"{meta_path} was changed after the run was saved (its digest does not "
                          f"match); {_REDO}")
-    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
+    files = meta.get("files")
+    files = files if isinstance(files, dict) else {}
     for name in RUN_FILES[1:]:
         if name not in files:
             raise ValueError(f"{meta_path} lists no hash for {name}; {_REDO}")

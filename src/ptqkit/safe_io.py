@@ -10,11 +10,14 @@ import errno
 import hashlib
 import os
 import secrets
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["protected_folder", "check_location", "sibling_dir", "sha256_file", "load_tensors",
-           "write_failure", "inside"]
+__all__ = ["protected_folder", "check_location", "check_new_file", "replacing_file", "sibling_dir",
+           "sha256_file", "load_tensors", "write_failure", "inside", "umask"]
 
 
 def inside(path: Path, folder: Path) -> bool:
@@ -55,6 +58,19 @@ def check_location(path: Path, flag: str) -> None:
                               "choose a folder you can write to")
 
 
+def check_new_file(path: Path, force: bool, flag: str, keep: Iterable[Path] = ()) -> None:
+    """Raise unless a file may be written at ``path``: not a folder, not one of ``keep`` (files
+    that must survive, e.g. the inputs), not an existing file unless ``force``, and creatable."""
+    for k in keep:
+        if path.resolve() == Path(k).resolve():
+            raise FileExistsError(f"{flag} {path} is an input of this command; choose another path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give a file name")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise FileExistsError(f"{flag} {path} exists; pass --force to replace it")
+    check_location(path, flag)
+
+
 def sibling_dir(target: Path, tag: str) -> Path:
     """Create a hidden, uniquely named folder next to ``target`` (same file system, so it can be
     renamed onto ``target``); its mode follows the umask like any new folder's."""
@@ -76,6 +92,38 @@ def write_failure(exc: BaseException, path: Path) -> BaseException:
     if full:
         return OSError(f"no space left writing {path}; free some space or write to another disk")
     return exc
+
+
+def umask() -> int:
+    """The process's file-mode creation mask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def replacing_file(target: Path) -> Iterator[Path]:
+    """A path to write the new content of ``target`` to, inside a temporary folder next to it.
+    When the block succeeds the file gets the mode a new file has under the umask (whatever mode
+    the writer gave it) and is moved onto ``target`` in one ``os.replace``; whatever
+    happens the temporary folder (and anything a writer left there) is deleted, so a failure
+    leaves ``target`` as it was. Check ``target`` first with :func:`check_new_file`."""
+    tmp_dir = sibling_dir(target, "tmp")
+    tmp = tmp_dir / target.name
+    try:
+        try:
+            yield tmp
+        except Exception as exc:
+            err = write_failure(exc, target)
+            if err is exc:
+                raise
+            raise err from exc
+        if not tmp.is_file():
+            raise FileNotFoundError(f"nothing was written for {target}")
+        os.chmod(tmp, 0o666 & ~umask())
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:
