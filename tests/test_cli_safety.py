@@ -530,6 +530,14 @@ def test_empty_or_zero_inputs_are_refused(argv: list[str], flag: str, user_model
     assert not (tmp_path / "run").exists()
 
 
+def test_empty_values_are_refused_by_every_command(tmp_path: Path, capsys) -> None:
+    for argv, flag in ((["sweep", "--suite", "fmnist-resnet20", "--tables="], "--tables"),
+                       (["bench", "--suite", "fmnist-resnet20", "--json="], "--json"),
+                       (["export", str(tmp_path), "--packed="], "--packed")):
+        assert main(argv) == 2
+        assert flag in _one_line_error(capsys)
+
+
 # ----------------------------------------------------------------- portable run directories
 def test_runs_work_from_any_working_directory(user_model, tmp_path: Path, capsys,  # noqa: F811
                                               monkeypatch: pytest.MonkeyPatch) -> None:

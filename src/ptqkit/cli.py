@@ -399,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# options whose own validation already explains an empty value ("the candidate set is empty")
+_SELF_CHECKED = {"candidates"}
+
+
 def _refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """An option given an empty value (``--range=``) is an error, never a silent default."""
     actions = list(parser._actions)
@@ -406,6 +410,8 @@ def _refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespa
         if isinstance(a, argparse._SubParsersAction):
             actions += a.choices[args.command]._actions
     for a in actions:
+        if a.dest in _SELF_CHECKED:
+            continue
         value = getattr(args, a.dest, None)
         if value == "" or (isinstance(value, list) and "" in value):
             name = max(a.option_strings, key=len) if a.option_strings else a.dest
