@@ -162,8 +162,8 @@ def _load_factory(spec: str, weights: str | None) -> nn.Module:
             raise ValueError(f"{where} has no function {name!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"{where}:{name} is a {type(obj).__name__}, not a function or class; name "
-                        "the factory that returns the torch.nn.Module")
+        raise TypeError(f"{where}:{name} is a value of type {type(obj).__name__}, not a function or "
+                        "class; name the factory that returns the torch.nn.Module")
     model = obj(*args, **kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, expected a torch.nn.Module")
