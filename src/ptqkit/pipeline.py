@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import numbers
 import time
+import types
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,17 +31,150 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 
 
+# ----------------------------------------------------------------------------- type checks
+# Recipe values come from YAML: a bool must be a YAML bool, a number a number (never a bool), a
+# list a list, a string a string. The expected type of a field is its dataclass annotation.
+_SCALARS: dict[Any, tuple[str, str]] = {
+    bool: ("a bool (true or false)", "bools"), int: ("an int", "ints"),
+    float: ("a number", "numbers"), str: ("a string", "strings"), type(None): ("null", "nulls")}
+
+
+def _parts(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    return typing.get_origin(hint), typing.get_args(hint)
+
+
+def _is_union(origin: Any) -> bool:
+    return origin is typing.Union or origin is types.UnionType
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """True when ``value`` (as YAML gives it) has the annotated type ``hint``."""
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is str or hint is type(None):
+        return isinstance(value, hint)
+    origin, args = _parts(hint)
+    if _is_union(origin):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        if args == (str, ...) and isinstance(value, str):
+            return True  # a single pattern
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    if origin in (Mapping, dict):
+        key, val = args or (Any, Any)
+        return isinstance(value, Mapping) and all(
+            _matches(k, key) and _matches(v, val) for k, v in value.items())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """'an int', 'a list of 2 numbers', 'a string or null', ... (plural: 'ints', ...)."""
+    if hint in _SCALARS:
+        return _SCALARS[hint][plural]
+    origin, args = _parts(hint)
+    if _is_union(origin):
+        return " or ".join(_describe(a, plural) for a in args)
+    if origin is tuple:
+        lists = "lists" if plural else "a list"
+        if len(args) == 2 and args[1] is Ellipsis:
+            text = f"{lists} of {_describe(args[0], True)}"
+            return f"{_describe(str, plural)} or {text}" if args[0] is str else text
+        if len(set(args)) == 1:
+            return f"{lists} of {len(args)} {_describe(args[0], True)}"
+        return f"{lists} of ({', '.join(_describe(a) for a in args)})"
+    if origin in (Mapping, dict):
+        key, val = args or (Any, Any)
+        text = "mappings" if plural else "a mapping"
+        if key is Any:
+            return text
+        if val is Any:
+            return f"{text} with {_describe(key)} keys"
+        return f"{text} of {_describe(key, True)} to {_describe(val, True)}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _nonfinite(value: Any) -> bool:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_nonfinite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_nonfinite(v) for v in value.values())
+    return False
+
+
+def _show(value: Any) -> str:
+    """The given value for a one-line message: its repr (shortened) and its type."""
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _check_type(where: str, value: Any, hint: Any) -> None:
+    """Raise a one-line ValueError naming ``where`` unless ``value`` has the type ``hint``."""
+    if not _matches(value, hint):
+        note = " (numbers must be finite)" if _nonfinite(value) else ""
+        raise ValueError(f"{where}: expected {_describe(hint)}{note}, got {_show(value)}")
+
+
+def _check_string_keys(where: str, d: Mapping[Any, Any]) -> None:
+    for key in d:
+        if not isinstance(key, str):
+            raise ValueError(f"{where} {_show(key)} is not a string; write the name as text")
+
+
+def _check_fields(cls: type, where: Callable[[str], str], values: Mapping[str, Any],
+                  skip: tuple[str, ...] = ()) -> None:
+    """Check each value in ``values`` against the annotation of the field of ``cls`` it names
+    (unknown names are left to the caller)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values and f.name not in skip:
+            _check_type(where(f.name), values[f.name], hints[f.name])
+
+
+# Options that a step passes on to another step's Options: (step, option) -> that step.
+_NESTED_OPTIONS = {("mixed_precision", "tuner_options"): "adaquant"}
+
+
+def _check_options(name: str, options: Mapping[Any, Any], where: str = "") -> None:
+    """Validate options of step ``name`` against its Options dataclass: option names, the type
+    of each value (from the annotations), then the Options' own checks. Raises one-line
+    ValueErrors starting with ``where`` (default: the step)."""
+    where = where or f"step {name!r}"
+    _check_type(f"{where} options", options, Mapping[Any, Any])
+    _check_string_keys(f"{where} option name", options)
+    _check_fields(STEPS[name].Options, lambda key: f"{where} option {key!r}", options)
+    options_from_dict(STEPS[name], dict(options))
+    for (step, key), inner in _NESTED_OPTIONS.items():
+        if step == name and options.get(key):
+            _check_options(inner, options[key], f"{where} {key} ({inner})")
+
+
 @dataclass(frozen=True)
 class StepSpec:
-    """A step by registry name plus its options (validated against the step's Options)."""
+    """A step by registry name plus its options (validated against the step's Options: names,
+    value types from its annotations, its own checks); invalid ones raise a one-line ValueError."""
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_type("step name", self.name, str)
         if self.name not in STEPS:
             raise ValueError(f"unknown step {self.name!r}; expected one of {sorted(STEPS)}")
-        options_from_dict(STEPS[self.name], dict(self.options))
+        _check_options(self.name, self.options)
 
 
 # Presets: extra steps run after range initialisation. Later methods add their presets here.
@@ -99,11 +236,21 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Recipe:
+        """The recipe of a mapping as YAML gives it. Every value must have its field's type (a
+        bool a YAML bool, a number a number, a list a list, a string a string; ``include`` /
+        ``exclude`` also take one string, ``steps`` / ``overrides`` also null); anything else
+        raises a one-line ValueError naming the key, the expected type and the given value."""
+        _check_type("recipe", d, Mapping[Any, Any])
+        _check_string_keys("recipe key", d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown recipe key(s) {unknown}; valid keys: {sorted(known)}")
         d = dict(d)
+        if d.get("steps") is not None and not isinstance(d["steps"], (list, tuple)):
+            raise ValueError(f"recipe key 'steps': expected a list of steps, got {_show(d['steps'])}")
+        _check_fields(cls, lambda key: f"recipe key {key!r}", d,
+                      skip=("steps",) + tuple(k for k in ("overrides",) if d.get(k) is None))
         for key in ("include", "exclude"):
             if key in d:
                 d[key] = (d[key],) if isinstance(d[key], str) else tuple(d[key])
@@ -118,7 +265,10 @@ class Recipe:
         import yaml
 
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -135,13 +285,20 @@ class Recipe:
 
 
 def _step_spec(s: Any) -> StepSpec:
+    """A StepSpec from a step name or a ``{name: ..., options: {...}}`` mapping (options may be
+    null or left out)."""
     if isinstance(s, StepSpec):
         return s
     if isinstance(s, str):
         return StepSpec(s)
     if isinstance(s, Mapping) and "name" in s:
-        return StepSpec(s["name"], dict(s.get("options") or {}))
-    raise ValueError(f"a step must be a name or {{name: ..., options: {{...}}}}, got {s!r}")
+        extra = [k for k in s if k not in ("name", "options")]
+        if extra:
+            raise ValueError(f"step {s['name']!r}: unknown key(s) {extra}; a step takes only "
+                             "'name' and 'options'")
+        options = s.get("options")
+        return StepSpec(s["name"], {} if options is None else options)
+    raise ValueError("a step must be a name or {name: ..., options: {...}}, got " + _show(s))
 
 
 def _as_calib(calib: Any, recipe: Recipe) -> CalibrationData:
