@@ -1,12 +1,19 @@
-"""Invalid input is refused with one-line ValueErrors: recipe field types, step option types."""
+"""Invalid input is refused with one-line ValueErrors: recipe field and step option types,
+non-finite calibration data, non-finite or non-positive quantizer scales."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
+from torch import nn
 
+import ptqkit
+from ptqkit.calib.data import CalibrationData
 from ptqkit.pipeline import Recipe, StepSpec
+
+FAST = {"w_range": "minmax", "a_range": "minmax"}
 
 
 def _one_line_error(call, *parts: str) -> str:
@@ -112,3 +119,63 @@ def test_invalid_yaml_is_a_one_line_error(tmp_path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("w_bits: [4\na_bits: 8\n")
     _one_line_error(lambda: Recipe.from_yaml(path), str(path), "YAML")
+
+
+# ----------------------------------------------------------------------------- calibration data
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_calibration_tensor_names_batch_and_sample(tiny_data, bad) -> None:
+    data = tiny_data.clone()
+    data[37, 0, 2, 3] = bad  # batch 2 (of 16), sample 5 in it
+    batches = list(data.split(16))
+    _one_line_error(lambda: CalibrationData(batches), "batch 2", "sample 5",
+                    "NaN" if bad != bad else "Inf")
+    _one_line_error(lambda: CalibrationData(data, batch_size=16), "batch 2", "sample 5")
+
+
+def test_non_finite_input_of_tuple_and_mapping_batches_is_named(tiny_data) -> None:
+    labels = torch.zeros(16, dtype=torch.long)
+    x = tiny_data[:16].clone()
+    x[9] = float("nan")
+    _one_line_error(lambda: CalibrationData([(tiny_data[16:32], labels), (x, labels)]),
+                    "batch 1", "sample 9", "element 0")
+    _one_line_error(lambda: CalibrationData([{"pixel_values": x, "labels": labels}]),
+                    "batch 0", "sample 9", "'pixel_values'")
+
+
+def test_non_finite_data_past_the_limit_is_not_used(tiny_data) -> None:
+    data = tiny_data.clone()
+    data[40] = float("nan")
+    assert CalibrationData(data, limit=40).num_samples == 40
+
+
+def test_quantize_refuses_non_finite_calibration_data(tiny, tiny_data) -> None:
+    data = tiny_data.clone()
+    data[3, 0, 0, 0] = float("nan")
+    _one_line_error(lambda: ptqkit.quantize(tiny, data, Recipe(**FAST)), "batch 0", "sample 3")
+
+
+# ----------------------------------------------------------------------------- scales
+class Overflow(nn.Module):
+    """Finite weights whose products overflow float32: the second layer sees inf inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.big.weight.fill_(3e38)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.big(x)))
+
+
+def test_non_finite_activation_scale_is_refused_with_the_layer_named() -> None:
+    x = torch.rand(32, 4) + 0.5
+    _one_line_error(lambda: ptqkit.quantize(Overflow().eval(), x, Recipe(**FAST)),
+                    "'head'", "a_quant", "inf")
+
+
+def test_non_finite_weight_scale_is_refused_with_the_layer_named(tiny, tiny_data) -> None:
+    with torch.no_grad():
+        tiny.fc.weight[1, 2] = float("nan")
+    _one_line_error(lambda: ptqkit.quantize(tiny, tiny_data, Recipe(**FAST)),
+                    "'fc'", "w_quant", "nan")

@@ -21,6 +21,7 @@ from torch import nn
 from .algorithms import STEPS
 from .algorithms.base import Context, Report, options_from_dict
 from .calib.data import CalibrationData
+from .core.quantizer import Quantizer
 from .evaluate import float_layer_outputs, layer_sqnr
 from .nn.modules import quant_layers
 from .nn.prepare import LayerPolicy, prepare
@@ -340,6 +341,7 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
         summary = step.run(ctx)
         report.steps.append({"step": step.name, **summary, "seconds": time.perf_counter() - t})
         log.info("step %s done in %.1fs", step.name, time.perf_counter() - t)
+    _check_scales(qmodel)
     for name, layer in quant_layers(qmodel).items():
         report.layer(name).update(w_bits=layer.w_bits, a_bits=layer.a_bits)
     for name, value in layer_sqnr(qmodel, data, reference=reference).items():
@@ -348,6 +350,23 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
     report.steps.append({"step": "total", "seconds": time.perf_counter() - t0})
     qmodel.report = report  # type: ignore[assignment]
     return qmodel
+
+
+def _check_scales(qmodel: nn.Module) -> None:
+    """Raise a one-line ValueError naming the layer and quantizer when an active quantizer's
+    scale is not finite and > 0 (NaN/Inf weights, or activations that overflow float32)."""
+    for name, q in qmodel.named_modules():
+        if not (isinstance(q, Quantizer) and q.active):
+            continue
+        scale = q.scale.detach().reshape(-1)
+        bad = (~torch.isfinite(scale) | (scale <= 0)).nonzero()
+        if bad.numel():
+            layer, _, which = name.rpartition(".")
+            channel = int(bad[0, 0])
+            where = f" (channel {channel} of {scale.numel()})" if scale.numel() > 1 else ""
+            raise ValueError(f"layer {layer or name!r}: quantizer {which or name} got scale "
+                             f"{float(scale[channel])}{where}, expected a finite scale > 0; look "
+                             "for NaN/Inf weights or activations that overflow float32 in it")
 
 
 LOW_COVERAGE = 0.9  # quantize() warns when a smaller share of the model's MACs runs quantized

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["CalibrationData", "default_forward", "batch_size_of", "token_mask_of", "real_tokens"]
+__all__ = ["CalibrationData", "default_forward", "batch_size_of", "token_mask_of", "real_tokens",
+           "check_finite"]
 
 Batch = Any
 
@@ -60,12 +61,44 @@ def _slice(batch: Batch, n: int) -> Batch:
     return type(batch)(_slice(b, n) for b in batch)
 
 
+def _tensors(batch: Batch, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(where in the batch, tensor) of every tensor of a batch: '' for a tensor batch,
+    " element 0" for tuples and lists, " 'key'" for mappings (nested: both)."""
+    if isinstance(batch, torch.Tensor):
+        yield where, batch
+    elif isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from _tensors(value, f"{where} {key!r}")
+    elif isinstance(batch, (tuple, list)):
+        for i, value in enumerate(batch):
+            yield from _tensors(value, f"{where} element {i}")
+
+
+def check_finite(batch: Batch, index: int) -> None:
+    """Raise a one-line ValueError naming batch ``index``, the sample (position along the first
+    dimension) and the batch entry when a floating-point tensor of ``batch`` holds NaN or Inf."""
+    for where, t in _tensors(batch):
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        bad = ~torch.isfinite(t)
+        if not bool(bad.any()):
+            continue
+        kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        rows = bad.reshape(t.shape[0], -1).any(1) if t.dim() else bad.reshape(1)
+        sample = int(rows.nonzero()[0, 0])
+        entry = f" (batch entry{where})" if where else ""
+        raise ValueError(f"calibration batch {index}, sample {sample}{entry} holds {kind} "
+                         "values; calibration inputs must be finite: clean or drop that sample")
+
+
 class CalibrationData:
     """A small, materialised calibration set that can be iterated many times.
 
     source: a DataLoader or any iterable of batches, or a single Tensor of inputs (split into
     ``batch_size`` chunks). limit: number of samples kept. forward_fn(model, batch) -> output
     overrides how a batch is fed to the model. Labels are ``batch[1]`` of tuple batches, if any.
+    Every floating-point tensor of a kept batch must be finite: NaN or Inf raises a ValueError
+    naming the batch and the sample.
     """
 
     def __init__(self, source: Iterable[Batch] | torch.Tensor, limit: int | None = None,
@@ -83,6 +116,7 @@ class CalibrationData:
             if limit is not None and count + n > limit:
                 batch, n = _slice(batch, limit - count), limit - count
             if n > 0:
+                check_finite(batch, len(self.batches))
                 self.batches.append(batch)
                 count += n
             if limit is not None and count >= limit:
