@@ -12,7 +12,13 @@ Layout (format version 2; version 1 files still load):
 - metadata ``ptqkit``: a JSON map with the format name and version, the codec, the recipe, a
   SHA-256 of all stored bytes (detects corruption), a layout digest, and ``model``: the deflated,
   base64 JSON of the layer order, per-layer type / shape / bits / symmetry and the module outputs
-  with a quantizer (int_outputs step).
+  with a quantizer (int_outputs step), with ``model_size``, its inflated size in bytes.
+
+Loading trusts no size in the file: every inflated size is bounded before it is allocated - the
+float bucket by the float32 values the model's layout needs, the map by ``model_size`` and by
+what a map of the given model can need (``_map_bound``) - every bucket must hold exactly what the
+layout needs, and the map's fields are type-checked. Anything else raises a one-line ValueError
+naming the tensor or field.
 
 Loading rebuilds the quantized model from the float architecture without data: BN is folded
 (giving the same module tree), the named layers are swapped, the stored values loaded. The
@@ -23,8 +29,10 @@ bit-identical to the saved simulated model.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
+import math
 import os
 import zlib
 from collections.abc import Callable
@@ -36,7 +44,7 @@ import torch
 from torch import nn
 
 from ..core.quantizer import Quantizer
-from ..core.spec import QuantSpec
+from ..core.spec import SUPPORTED_BITS, QuantSpec
 from ..nn.modules import REGISTRY, QuantModule, quant_layers
 from ..nn.prepare import PTQState, _fold_all, set_module
 from .int_outputs import install_output_quantizer, output_quantizers
@@ -46,6 +54,32 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "pack_bits", "unpack_bits", "save", "load
 FORMAT, FORMAT_VERSION = "ptqkit-packed", 2
 _READABLE_VERSIONS = (1, 2)
 _FLOAT_CODEC = "shuffle4-zlib"
+_MAX_MAP_BYTES = 64 << 20  # no inflated map may exceed this (millions of layers)
+_MAX_DIM = 2**31 - 1
+
+
+def _bad(path: object, what: str) -> ValueError:
+    """The error of a file whose content is not what ptqkit.save writes (one line)."""
+    return ValueError(f"{path}: {what}; the file is corrupted or was not written by ptqkit.save")
+
+
+def _inflate(data: bytes, size: int, what: str, path: object, source: str,
+             exact: bool = True) -> bytes:
+    """zlib-inflate ``data`` to ``size`` bytes (``exact``) or at most ``size`` bytes, allocating
+    no more than that: a stream that would inflate further, ends early or has trailing bytes
+    raises ValueError naming ``what`` and the ``source`` of the size ("the layout needs")."""
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, size + 1)
+    except zlib.error as exc:
+        raise _bad(path, f"{what} is not deflate data ({exc})") from exc
+    if len(out) > size:
+        raise _bad(path, f"{what} inflates to more than {size} bytes, the size {source}")
+    if not inflater.eof or inflater.unused_data:
+        raise _bad(path, f"{what} is a truncated deflate stream or has trailing bytes")
+    if exact and len(out) != size:
+        raise _bad(path, f"{what} inflates to {len(out)} bytes, not {size}, the size {source}")
+    return out
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -72,6 +106,81 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 _ENTRY = ("type", "shape", "w_bits", "w_symmetric", "a_bits", "a_symmetric", "w_enabled",
           "a_enabled", "bias", "packed", "o_bits", "zp", "o_symmetric")  # v1: up to "o_bits"
+_V1_FIELDS = _ENTRY.index("o_bits") + 1
+_BITS = "bits"  # field kinds of _ENTRY besides Python types
+_FIELD_KINDS: dict[str, Any] = {
+    "type": str, "shape": "shape", "w_bits": _BITS, "a_bits": _BITS, "o_bits": (_BITS, None)}
+
+
+def _kind_ok(value: Any, kind: Any) -> bool:
+    if isinstance(kind, tuple):
+        return any(_kind_ok(value, k) for k in kind)
+    if kind is None:
+        return value is None
+    if kind == _BITS:
+        return type(value) is int and value in SUPPORTED_BITS
+    if kind == "shape":
+        return (isinstance(value, list) and 1 <= len(value) <= 8
+                and all(type(d) is int and 0 <= d <= _MAX_DIM for d in value))
+    return type(value) is kind
+
+
+_KIND_TEXT = {str: "a string", bool: "true or false",
+              "shape": f"a list of 1 to 8 ints in 0..{_MAX_DIM}",
+              _BITS: f"one of {SUPPORTED_BITS}", None: "null"}
+
+
+def _kind_text(kind: Any) -> str:
+    return " or ".join(map(_kind_text, kind)) if isinstance(kind, tuple) else _KIND_TEXT[kind]
+
+
+def _check_map(meta: dict[str, Any], path: object) -> None:
+    """Type-check the map's ``layers``, ``layer_order`` and ``outputs`` (ValueError naming the
+    tensor or field), so that loading never meets a value of another type."""
+    layers = meta.get("layers")
+    if not isinstance(layers, dict):
+        raise _bad(path, f"map field 'layers' must be a mapping, got {_short(layers)}")
+    for name, entry in layers.items():
+        where = f"map entry of tensor '{name}.weight'"
+        if not isinstance(entry, list) or not _V1_FIELDS <= len(entry) <= len(_ENTRY):
+            raise _bad(path, f"{where} must be a list of {_V1_FIELDS} to {len(_ENTRY)} fields, "
+                             f"got {_short(entry)}")
+        for field, value in zip(_ENTRY, entry):
+            kind = _FIELD_KINDS.get(field, bool)
+            if not _kind_ok(value, kind):
+                raise _bad(path, f"{where}: field {field!r} must be {_kind_text(kind)}, got "
+                                 f"{_short(value)}")
+        if entry[_ENTRY.index("packed")] and entry[_ENTRY.index("w_bits")] > 8:
+            raise _bad(path, f"{where}: packed weights have at most 8 bits, got field 'w_bits' "
+                             f"{entry[_ENTRY.index('w_bits')]}")
+    order = meta.get("layer_order")
+    if not (isinstance(order, list) and all(isinstance(n, str) for n in order)):
+        raise _bad(path, f"map field 'layer_order' must be a list of layer names, got "
+                         f"{_short(order)}")
+    outputs = meta.get("outputs", {})
+    if not isinstance(outputs, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and _kind_ok(v[0], _BITS)
+            and _kind_ok(v[1], bool) for v in outputs.values()):
+        raise _bad(path, "map field 'outputs' must map module paths to [bits, symmetric], got "
+                         f"{_short(outputs)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_mapping(raw: bytes | str, what: str,
+                  error: Callable[[str], ValueError]) -> dict[str, Any]:
+    """``raw`` parsed as a JSON mapping, else ``error(reason)`` raised, the reason naming ``what``
+    (deep nesting included: no RecursionError escapes)."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{what} is not JSON ({type(exc).__name__})") from exc
+    if not isinstance(value, dict):
+        raise error(f"{what} must be a JSON mapping, got {_short(value)}")
+    return value
 
 
 def _has_zero_points(layer: QuantModule) -> bool:
@@ -99,23 +208,50 @@ def _encode_floats(bucket: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(zlib.compress(planes.tobytes(), 9)), dtype=torch.uint8)
 
 
-def _decode_floats(blob: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_encode_floats`."""
-    raw = np.frombuffer(zlib.decompress(blob.numpy().tobytes()), dtype=np.uint8)
-    planes = raw.reshape(4, -1).T.copy()
+def _decode_floats(blob: torch.Tensor, count: int | None = None, path: object = "") -> torch.Tensor:
+    """Inverse of :func:`_encode_floats`. count: the number of floats the blob must hold; it
+    bounds the inflated size (None, for trusted blobs only: whatever the blob holds)."""
+    data = blob.numpy().tobytes()
+    what = f"tensor 'data.float32.{_FLOAT_CODEC}'"
+    raw = (zlib.decompress(data) if count is None
+           else _inflate(data, 4 * count, what, path, "the model's layout needs"))
+    planes = np.frombuffer(raw, dtype=np.uint8).reshape(4, -1).T.copy()
     return torch.from_numpy(planes.reshape(-1)).view(torch.float32)
 
 
-def _encode_map(model_map: dict[str, Any]) -> str:
+def _encode_map(model_map: dict[str, Any]) -> tuple[str, int]:
+    """(base64 of the deflated JSON, the JSON's size in bytes)."""
     raw = json.dumps(model_map, separators=(",", ":")).encode()
-    return base64.b64encode(zlib.compress(raw, 9)).decode()
+    return base64.b64encode(zlib.compress(raw, 9)).decode(), len(raw)
 
 
-def _decode_map(meta: dict[str, Any]) -> dict[str, Any]:
-    """The map with its deflated ``model`` part (version 2) unpacked into plain keys."""
-    if "model" in meta:
-        meta = {**meta, **json.loads(zlib.decompress(base64.b64decode(meta["model"])))}
-    return meta
+def _map_bound(model: nn.Module) -> int:
+    """Bytes the JSON map of ``model`` can need at most: per module a layer entry, its name in
+    the layer order and an output quantizer, each far below this budget."""
+    return min(_MAX_MAP_BYTES, 4096 + sum(512 + 4 * len(n) for n, _ in model.named_modules()))
+
+
+def _decode_map(meta: dict[str, Any], path: object = "",
+                limit: int = _MAX_MAP_BYTES) -> dict[str, Any]:
+    """The map with its deflated ``model`` part (version 2) unpacked into plain keys. It
+    inflates to exactly its declared ``model_size`` when given, and never beyond ``limit``."""
+    if "model" not in meta:
+        return meta
+    blob, declared = meta["model"], meta.get("model_size")
+    if declared is not None and not (type(declared) is int and 0 <= declared <= limit):
+        raise _bad(path, f"metadata field 'model_size' must be an int in 0..{limit} (what a map "
+                         f"of this model can need), got {_short(declared)}")
+    try:
+        if not isinstance(blob, str):
+            raise TypeError(f"got {type(blob).__name__}")
+        data = base64.b64decode(blob, validate=True)
+    except (TypeError, binascii.Error) as exc:
+        raise _bad(path, f"metadata field 'model' is not a base64 string ({exc})") from exc
+    size = limit if declared is None else declared
+    source = ("metadata field 'model_size' declares" if declared is not None
+              else "a map of this model can need")
+    raw = _inflate(data, size, "metadata field 'model'", path, source, exact=declared is not None)
+    return {**meta, **_json_mapping(raw, "metadata field 'model'", lambda w: _bad(path, w))}
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, str, int]]:
@@ -179,8 +315,9 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
         "layer_order": list(getattr(getattr(qmodel, "ptq", None), "layer_order", []) or layers),
         "layers": {n: _layer_entry(m) for n, m in layers.items()},
         "outputs": {n: [q.spec.bits, q.spec.symmetric] for n, q in output_quantizers(qmodel).items()}}
+    encoded_map, map_size = _encode_map(model_map)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "codec": _FLOAT_CODEC,
-            "recipe": recipe, "model": _encode_map(model_map),
+            "recipe": recipe, "model": encoded_map, "model_size": map_size,
             "layout": _layout_digest(_layout(tensors)), "sha256": _digest(buckets)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,11 +327,52 @@ def save(qmodel: nn.Module, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+               "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_MAX_HEADER = 100 << 20  # safetensors refuses larger headers too
+
+
+def _check_header(path: Path) -> None:
+    """Check the safetensors header before safetensors reads it, so that a tensor whose declared
+    shape and dtype do not match its data offsets, or whose data lies past the end of the file,
+    is named: every tensor must span exactly shape x item size bytes inside the file."""
+    def broken(what: str) -> ValueError:
+        return ValueError(f"{path} is corrupted or truncated ({what}); save the model again "
+                          "with ptqkit.save")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > min(size - 8, _MAX_HEADER):
+            raise broken(f"a header of {n} bytes does not fit in a file of {size} bytes")
+        header = _json_mapping(f.read(n), "the header", broken)
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if (dtype not in _ITEM_BYTES or not isinstance(shape, list)
+                or not all(type(d) is int and d >= 0 for d in shape)
+                or not (isinstance(offsets, list) and len(offsets) == 2
+                        and all(type(o) is int and o >= 0 for o in offsets))):
+            raise broken(f"tensor {name!r}: header entry {_short(info)} is not a dtype, a shape "
+                         "of non-negative ints and two data offsets")
+        nbytes = _ITEM_BYTES[dtype] * math.prod(shape)
+        if offsets[1] - offsets[0] != nbytes or offsets[1] > data_size:
+            raise broken(f"tensor {name!r}: shape {shape} of {dtype} needs {nbytes} bytes, its "
+                         f"data offsets {offsets} span {offsets[1] - offsets[0]} bytes of the "
+                         f"{data_size} the file holds")
+
+
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The stored tensors (the float bucket still deflated) and the ``ptqkit`` metadata (its
+    map still deflated), checked for format, version, SHA-256 and codec."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"packed checkpoint {path} not found")
+    _check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("ptqkit")
@@ -205,7 +383,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if raw is None:
         raise ValueError(f"{path} has no ptqkit map in its metadata; it was not written by "
                          "ptqkit.save")
-    meta = json.loads(raw)
+    meta = _json_mapping(raw, "metadata 'ptqkit'", lambda w: _bad(path, w))
     if meta.get("format") != FORMAT or meta.get("format_version") not in _READABLE_VERSIONS:
         raise ValueError(f"{path}: format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r} is not supported (expected {FORMAT!r} "
@@ -213,10 +391,37 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if _digest(tensors) != meta.get("sha256"):
         raise ValueError(f"{path} is corrupted: its tensor data does not match the stored SHA-256;"
                          " save the model again with ptqkit.save")
-    key = f"data.float32.{meta.get('codec')}"
-    if key in tensors:
-        tensors["data.float32"] = _decode_floats(tensors.pop(key))
-    return tensors, _decode_map(meta)
+    if meta.get("codec", _FLOAT_CODEC) != _FLOAT_CODEC:
+        raise _bad(path, f"metadata field 'codec' must be {_FLOAT_CODEC!r}, got "
+                         f"{_short(meta.get('codec'))}")
+    return tensors, meta
+
+
+def _bucket_tensors(tensors: dict[str, torch.Tensor], layout: list[tuple[str, str, int]],
+                    path: object) -> dict[str, torch.Tensor]:
+    """The flat bucket of every dtype the layout needs, checked to hold exactly its values (the
+    float bucket inflated to that size at most) before anything is split or unpacked."""
+    need: dict[str, int] = {}
+    for _, dtype, numel in layout:
+        need[f"data.{dtype}"] = need.get(f"data.{dtype}", 0) + numel
+    tensors = dict(tensors)
+    encoded = f"data.float32.{_FLOAT_CODEC}"
+    if encoded in tensors and "data.float32" in need:
+        blob = tensors.pop(encoded)
+        if blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise _bad(path, f"tensor {encoded!r} must be a flat uint8 tensor, got "
+                             f"{str(blob.dtype).removeprefix('torch.')}{list(blob.shape)}")
+        tensors["data.float32"] = _decode_floats(blob, need["data.float32"], path)
+    for key, numel in need.items():
+        t = tensors.get(key)
+        if t is None:
+            raise _bad(path, f"tensor {key!r} is missing; the model's layout needs {numel} values "
+                             "in it")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if f"data.{dtype}" != key or t.dim() != 1 or t.numel() != numel:
+            raise _bad(path, f"tensor {key!r} holds {dtype}{list(t.shape)}, but the model's "
+                             f"layout needs {numel} {key.removeprefix('data.')} values")
+    return tensors
 
 
 def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
@@ -234,7 +439,12 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         if (mod is None or qcls is None or qcls.__name__ != entry["type"]
                 or list(mod.weight.shape) != entry["shape"]):
             found = "missing" if mod is None else f"{type(mod).__name__}{list(mod.weight.shape)}"
-            problems.append(f"{name} (map: {entry['type']}{entry['shape']}, model: {found})")
+            problems.append(f"{name!r} (map: {entry['type']}{entry['shape']}, model: {found})")
+            continue
+        padding = getattr(mod, "padding_mode", "zeros")
+        if padding != "zeros":
+            problems.append(f"{name!r} (model: {type(mod).__name__} with padding_mode={padding!r}; "
+                            "a packed checkpoint holds zero-padded convolutions only)")
             continue
         w_spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
         q = qcls(mod, w_spec, QuantSpec(entry["a_bits"], entry["a_symmetric"]))
@@ -249,7 +459,7 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
         try:
             install_output_quantizer(qmodel, path, Quantizer(QuantSpec(bits, symmetric)))
         except AttributeError:
-            problems.append(f"{path} (map: a module output quantizer, model: no such module)")
+            problems.append(f"{path!r} (map: a module output quantizer, model: no such module)")
     if problems:
         raise ValueError("the checkpoint's map does not match the model: " + "; ".join(problems)
                          + "; pass the same architecture the checkpoint was saved from")
@@ -313,20 +523,25 @@ def load(path: str | os.PathLike[str],
     """Rebuild the quantized model saved by :func:`save`.
 
     model_factory_or_float_model: the float architecture (an nn.Module, or a callable returning
-    one); its weights are not used. Raises ValueError on a corrupted/truncated file, a wrong format
-    version, or a map that does not match the model.
+    one); its weights are not used. Raises a one-line ValueError on a corrupted, truncated or
+    malformed file (naming the tensor or field: a deflate stream inflating beyond its declared
+    size, a bucket of another size than the layout needs, a map field of the wrong type), a wrong
+    format version, or a map that does not match the model. Nothing is inflated beyond the size
+    the model's layout and map need.
     """
     tensors, meta = _read(Path(path))
     model = model_factory_or_float_model
     if not isinstance(model, nn.Module):
         model = model()
+    meta = _decode_map(meta, path, _map_bound(model))
+    _check_map(meta, path)
     qmodel = _skeleton(model, meta)
     layout = _expected_layout(qmodel, meta)
     if _layout_digest(layout) != meta.get("layout"):
         raise ValueError("the checkpoint does not match the model: its tensors (names, dtypes, "
                          "sizes) differ from what this architecture needs; pass the same "
                          "architecture the checkpoint was saved from")
-    state = _unpacked_state(_split(tensors, layout), meta, qmodel)
+    state = _unpacked_state(_split(_bucket_tensors(tensors, layout, path), layout), meta, qmodel)
     result = qmodel.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"the checkpoint does not match the model: missing {result.missing_keys}, "
