@@ -234,7 +234,11 @@ class ReflectNet(TinyNet):
         self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, padding_mode="reflect")
 
 
-def test_padding_mode_the_checkpoint_cannot_hold_names_the_layer(saved) -> None:
+def test_padding_mode_the_checkpoint_cannot_hold_names_the_layer(saved, tiny_data, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"'dw'.*padding_mode='reflect'") as info:
         ptqkit.load(saved, ReflectNet)
     assert "\n" not in str(info.value)
+    reflect = ptqkit.quantize(ReflectNet().eval(), tiny_data, ptqkit.Recipe(**FAST))
+    path = ptqkit.save(reflect, tmp_path / "reflect.safetensors")
+    with pytest.raises(ValueError, match=r"'dw'.*padding_mode='reflect'"):
+        ptqkit.load(path, ReflectNet)

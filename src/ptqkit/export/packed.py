@@ -45,7 +45,7 @@ from torch import nn
 
 from ..core.quantizer import Quantizer
 from ..core.spec import SUPPORTED_BITS, QuantSpec
-from ..nn.modules import REGISTRY, QuantModule, quant_layers
+from ..nn.modules import REGISTRY, QuantModule, quant_class_for, quant_layers
 from ..nn.prepare import PTQState, _fold_all, set_module
 from .int_outputs import install_output_quantizer, output_quantizers
 
@@ -435,16 +435,17 @@ def _skeleton(model: nn.Module, meta: dict[str, Any]) -> nn.Module:
     problems = []
     for name, entry in _entries(meta).items():
         mod = mods.get(name)
+        if mod is not None and quant_class_for(mod)[1]:
+            padding = getattr(mod, "padding_mode", "zeros")
+            own = f"padding_mode={padding!r}" if padding != "zeros" else "a forward of its own"
+            problems.append(f"{name!r} (model: {type(mod).__name__} with {own}; a packed "
+                            "checkpoint rebuilds layers run by the standard op only)")
+            continue
         qcls = REGISTRY.get(type(mod)) if mod is not None else None
         if (mod is None or qcls is None or qcls.__name__ != entry["type"]
                 or list(mod.weight.shape) != entry["shape"]):
             found = "missing" if mod is None else f"{type(mod).__name__}{list(mod.weight.shape)}"
             problems.append(f"{name!r} (map: {entry['type']}{entry['shape']}, model: {found})")
-            continue
-        padding = getattr(mod, "padding_mode", "zeros")
-        if padding != "zeros":
-            problems.append(f"{name!r} (model: {type(mod).__name__} with padding_mode={padding!r}; "
-                            "a packed checkpoint holds zero-padded convolutions only)")
             continue
         w_spec = QuantSpec(entry["w_bits"], entry["w_symmetric"], "channel")
         q = qcls(mod, w_spec, QuantSpec(entry["a_bits"], entry["a_symmetric"]))
