@@ -1,8 +1,22 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_state(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Run-signing keys go to a temporary folder, never to the user's ~/.local/state."""
+    before = os.environ.get("PTQKIT_STATE")
+    os.environ["PTQKIT_STATE"] = str(tmp_path_factory.mktemp("ptqkit-state"))
+    yield
+    if before is None:
+        os.environ.pop("PTQKIT_STATE", None)
+    else:
+        os.environ["PTQKIT_STATE"] = before
 
 
 @pytest.fixture(autouse=True)
