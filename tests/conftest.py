@@ -1,22 +1,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 from torch import nn
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_state(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def pytest_configure(config: pytest.Config) -> None:
     """Run-signing keys go to a temporary folder, never to the user's ~/.local/state."""
-    before = os.environ.get("PTQKIT_STATE")
-    os.environ["PTQKIT_STATE"] = str(tmp_path_factory.mktemp("ptqkit-state"))
-    yield
-    if before is None:
-        os.environ.pop("PTQKIT_STATE", None)
-    else:
-        os.environ["PTQKIT_STATE"] = before
+    os.environ["PTQKIT_STATE"] = tempfile.mkdtemp(prefix="ptqkit-state-")
 
 
 @pytest.fixture(autouse=True)

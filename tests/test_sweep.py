@@ -88,7 +88,7 @@ def test_sweep_reuses_saved_table(late_suite: str, tmp_path, monkeypatch) -> Non
         pytest.fail("the saved table was measured or tuned again")
 
     monkeypatch.setattr(mixed_precision, "measure_table", fail)
-    monkeypatch.setattr(sweep.Session, "_tune", fail)
+    monkeypatch.setattr(sweep.Planner, "_tune", fail)
     again = sweep.run_sweep(late_suite, cfg)
     for a, b in zip(first[1:], again[1:]):
         assert (a["method"], a["bits"], a["quant_top1"]) == (b["method"], b["bits"], b["quant_top1"])

@@ -30,8 +30,8 @@ from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable, Solu
 from .algorithms.mixed_precision import (
     TUNERS,
     MixedPrecisionOptions,
+    Planner,
     RefineOptions,
-    Session,
     allowed_options,
 )
 from .calib.data import CalibrationData
@@ -142,30 +142,30 @@ def _float_outputs(model: nn.Module, calib: CalibrationData) -> list[torch.Tenso
         return [calib.forward(model, b) for b in calib]
 
 
-def _session(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
-             tuner: str, cfg: SweepConfig) -> Session:
-    """A session with its table: loaded from ``cfg.table_dir`` (with the tuned layer states saved
+def _planner(suite: bench.Suite, base: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
+             tuner: str, cfg: SweepConfig) -> Planner:
+    """A planner with its table: loaded from ``cfg.table_dir`` (with the tuned layer states saved
     beside it) when it was measured for the same settings, else measured and saved there."""
     recipe = _tuner_recipe(cfg)
     factory = TUNERS[tuner]
-    session = Session(base, calib, float_out, "auto",
+    planner = Planner(base, calib, float_out, "auto",
                       factory(recipe, cfg.seed, dict(cfg.tuner_options.get(tuner, {}))))
     mp = MixedPrecisionOptions(candidates=cfg.candidates, compression=0.25)
     options, allowed = allowed_options(list(quant_layers(base)), mp, cfg.first_last_8bit)
     paths = _table_paths(cfg, suite.name, tuner)
     saved = _load_table(paths, options, allowed, cfg.table_key(tuner), calib.num_samples)
     if saved is not None and paths is not None:
-        states = Session.load_states(paths[1]) if paths[1].is_file() else {}
-        session.use_table(saved, states)  # measured before: re-solve without re-measuring
+        states = Planner.load_states(paths[1]) if paths[1].is_file() else {}
+        planner.use_table(saved, states)  # measured before: re-solve without re-measuring
         log.info("%s: %s sensitivity table loaded from %s (%d tuned layer states)", suite.name,
                  tuner, paths[0], len(states))
-        return session
+        return planner
     t0 = time.perf_counter()
-    table = session.measure(options, allowed)
+    table = planner.measure(options, allowed)
     table.meta.update(seconds=time.perf_counter() - t0, sweep_key=cfg.table_key(tuner))
-    _save_session(session, paths)
+    _save_planner(planner, paths)
     log.info("%s: %s sensitivity table in %.1fs", suite.name, tuner, table.meta["seconds"])
-    return session
+    return planner
 
 
 def _table_paths(cfg: SweepConfig, suite: str, tuner: str) -> tuple[Path, Path] | None:
@@ -192,18 +192,18 @@ def _load_table(paths: tuple[Path, Path] | None, options: list[Any], allowed: di
     return t if fits else None
 
 
-def _save_session(session: Session, paths: tuple[Path, Path] | None) -> None:
+def _save_planner(planner: Planner, paths: tuple[Path, Path] | None) -> None:
     """Table (JSON) and tuned layer states (torch file), each written atomically."""
-    if paths is None or session.table is None:
+    if paths is None or planner.table is None:
         return
     paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for path, write in ((paths[0], session.table.save), (paths[1], session.save_states)):
+    for path, write in ((paths[0], planner.table.save), (paths[1], planner.save_states)):
         tmp = path.with_name(path.name + ".tmp")
         write(tmp)
         os.replace(tmp, path)
 
 
-def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: float,
+def _post_steps(model: nn.Module, planner: Planner, steps: Sequence[str], loss: float,
                 cfg: SweepConfig) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Run the global steps in order, measuring the calibration loss after each. With
     ``cfg.post_guard`` a step that raises the calibration loss is undone (the copy taken before
@@ -211,13 +211,13 @@ def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: 
     out = []
     for name in steps:
         before = copy.deepcopy(model) if cfg.post_guard else None
-        ctx = Context(model, session.calib, Report(), cfg.seed,
-                      {"float_outputs": session.float_out,
-                       "float_weights": float_weights(session.model)})  # the unstitched base
+        ctx = Context(model, planner.calib, Report(), cfg.seed,
+                      {"float_outputs": planner.float_out,
+                       "float_weights": float_weights(planner.model)})  # the unstitched base
         t0 = time.perf_counter()
         summary = STEPS[name](options_from_dict(STEPS[name], {})).run(ctx)
         summary["seconds"] = time.perf_counter() - t0
-        after = session.measured_loss(model)
+        after = planner.measured_loss(model)
         kept = before is None or after <= loss
         out.append({"step": name,  # the sweep's own verdict overrides a step's "kept"
                     **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))},
@@ -229,7 +229,7 @@ def _post_steps(model: nn.Module, session: Session, steps: Sequence[str], loss: 
     return model, out
 
 
-def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c: float,
+def _point(suite: bench.Suite, planner: Planner, base: nn.Module, method: str, c: float,
            cfg: SweepConfig, seen: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     m = SWEEP_METHODS[method]
     row: dict[str, Any] = {"suite": suite.name, "method": method, "budget": c,
@@ -237,7 +237,7 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
     t0 = time.perf_counter()
     model = copy.deepcopy(base)
     try:
-        sol, alts = _solve(session, m, c, cfg, model, seen)
+        sol, alts = _solve(planner, m, c, cfg, model, seen)
     except InfeasibleBudgetError as err:
         return {**row, "error": str(err), "smallest_feasible": err.smallest}
     key = (tuple(sol.choice), m.tuner, m.post)
@@ -246,10 +246,10 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
                 "alternatives": alts, "refine": sol.refine, "refine_options": _refine_opts(m, cfg),
                 "seconds": time.perf_counter() - t0}
     expected = sol.predicted["loss"]
-    measured_ip = sol.measured if sol.measured is not None else session.measured_loss(model)
-    model, post = _post_steps(model, session, m.post, measured_ip, cfg)
+    measured_ip = sol.measured if sol.measured is not None else planner.measured_loss(model)
+    model, post = _post_steps(model, planner, m.post, measured_ip, cfg)
     res = suite.evaluate(model)
-    assert session.table is not None
+    assert planner.table is not None
     seen[key] = {
         **row, "quant_top1": res.get("top1"), "delta": _delta(res), "agreement": res["agreement"],
         "kl": res["kl"], "compression": sol.predicted["compression"],
@@ -259,7 +259,7 @@ def _point(suite: bench.Suite, session: Session, base: nn.Module, method: str, c
                                       measured_ip),
         "post": [p["step"] for p in post if p["kept"]], "post_steps": post, "alternatives": alts,
         "refine": sol.refine, "refine_options": _refine_opts(m, cfg),
-        "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(session.table).items()},
+        "bits": {k: f"w{w}a{a}" for k, (w, a) in sol.bits(planner.table).items()},
         "seconds": time.perf_counter() - t0}
     return seen[key]
 
@@ -268,16 +268,16 @@ def _refine_opts(m: SweepMethod, cfg: SweepConfig) -> dict[str, Any] | None:
     return dataclasses.asdict(cfg.refine) if m.solver == "ip" else None
 
 
-def _solve(session: Session, m: SweepMethod, c: float, cfg: SweepConfig, model: nn.Module,
+def _solve(planner: Planner, m: SweepMethod, c: float, cfg: SweepConfig, model: nn.Module,
            seen: dict[Any, Any]) -> tuple[Solution, list[dict[str, float]]]:
     """Solve (and, for the IP, rank the alternatives on the calibration set) once per (tuner,
     solver, budget): light reuses the choice of ip, which it shares before BN tuning."""
     key = ("solved", m.tuner, m.solver, c)
     if key not in seen:
-        seen[key] = session.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
+        seen[key] = planner.solve_measured(Budget("compression", c), m.solver, cfg.alternatives,
                                            model, cfg.refine)
     else:
-        session.apply(seen[key][0], model)
+        planner.apply(seen[key][0], model)
     return seen[key]  # type: ignore[no-any-return]
 
 
@@ -310,7 +310,7 @@ def run_sweep(suite_name: str, cfg: SweepConfig,
     base = _base_model(suite, calib, cfg)
     float_out = _float_outputs(base, calib)
     rows: list[dict[str, Any]] = []
-    sessions: dict[str, Session] = {}
+    runners: dict[str, Planner] = {}
     seen: dict[Any, dict[str, Any]] = {}
 
     def emit(row: dict[str, Any]) -> None:
@@ -320,14 +320,14 @@ def run_sweep(suite_name: str, cfg: SweepConfig,
 
     for c, m in tqdm(points, desc=f"sweep {suite.name}", disable=None):
         tuner = SWEEP_METHODS[m].tuner
-        if tuner not in sessions:
-            sessions[tuner] = _session(suite, base, calib, float_out, tuner, cfg)
+        if tuner not in runners:
+            runners[tuner] = _planner(suite, base, calib, float_out, tuner, cfg)
             if (f"table:{tuner}", None) not in done:
-                emit(_table_row(suite.name, tuner, sessions[tuner].table))  # type: ignore[arg-type]
-        n_states = len(sessions[tuner].states)
-        emit(_point(suite, sessions[tuner], base, m, c, cfg, seen))
-        if len(sessions[tuner].states) > n_states:  # tuned lazily (loaded table): keep them too
-            _save_session(sessions[tuner], _table_paths(cfg, suite.name, tuner))
+                emit(_table_row(suite.name, tuner, runners[tuner].table))  # type: ignore[arg-type]
+        n_states = len(runners[tuner].states)
+        emit(_point(suite, runners[tuner], base, m, c, cfg, seen))
+        if len(runners[tuner].states) > n_states:  # tuned lazily (loaded table): keep them too
+            _save_planner(runners[tuner], _table_paths(cfg, suite.name, tuner))
         log.info("%s %s @%.3f: top-1 %s (float %.2f)", suite.name, m, c,
                  rows[-1].get("quant_top1"), suite.fp32_top1)
     return rows

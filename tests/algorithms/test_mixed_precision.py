@@ -8,7 +8,7 @@ from torch import nn
 import ptqkit
 from ptqkit.algorithms import ip, sensitivity
 from ptqkit.algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable
-from ptqkit.algorithms.mixed_precision import MixedPrecisionOptions, Session, range_tuner
+from ptqkit.algorithms.mixed_precision import MixedPrecisionOptions, Planner, range_tuner
 from ptqkit.calib.data import CalibrationData
 from ptqkit.nn.modules import quant_layers
 from ptqkit.pipeline import Recipe, StepSpec
@@ -146,13 +146,13 @@ def _prepared(tiny: nn.Module, data: torch.Tensor) -> nn.Module:
     return ptqkit.quantize(tiny, data, Recipe(first_last_8bit=False))
 
 
-def _session(tiny: nn.Module, data: torch.Tensor) -> tuple[nn.Module, Session]:
-    """A prepared copy of ``tiny`` and a range-tuning Session on ``data`` with float references."""
+def _planner(tiny: nn.Module, data: torch.Tensor) -> tuple[nn.Module, Planner]:
+    """A prepared copy of ``tiny`` and a range-tuning Planner on ``data`` with float references."""
     q = _prepared(tiny, data)
     calib = CalibrationData(data)
     with torch.no_grad():
         ref = [tiny(b) for b in calib]
-    return q, Session(q, calib, ref, "auto", range_tuner())
+    return q, Planner(q, calib, ref, "auto", range_tuner())
 
 
 def test_suffix_pass_equals_full_pass(tiny: nn.Module, tiny_data, monkeypatch) -> None:
@@ -216,10 +216,10 @@ def test_closed_loop_tightens(tiny: nn.Module, tiny_data) -> None:
     assert rounds[-1]["measured_drop"] <= 1e-4 or len(rounds) == 4
 
 
-def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
+def test_planner_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
     import copy
 
-    q, s = _session(tiny, tiny_data)
+    q, s = _planner(tiny, tiny_data)
     s.measure([(8, 8), (2, 2)], {n: [(8, 8), (2, 2)] for n in quant_layers(q)})
     out0 = q(tiny_data)
     low = s.apply(s.solve(Budget("compression", 0.0625)), copy.deepcopy(q))
@@ -229,7 +229,7 @@ def test_session_apply_to_copy_is_isolated(tiny: nn.Module, tiny_data) -> None:
 
 
 def test_solve_measured_picks_lowest_measured_loss(tiny: nn.Module, tiny_data, monkeypatch) -> None:
-    q, s = _session(tiny, tiny_data)
+    q, s = _planner(tiny, tiny_data)
     s.measure([(8, 8), (4, 4), (2, 2)], {n: [(8, 8), (4, 4), (2, 2)] for n in quant_layers(q)})
     sol, alts = s.solve_measured(Budget("compression", 0.15), "ip", 4)
     assert len(alts) == 4 and alts[0]["predicted_loss"] <= min(a["predicted_loss"] for a in alts)
@@ -239,11 +239,11 @@ def test_solve_measured_picks_lowest_measured_loss(tiny: nn.Module, tiny_data, m
     assert none == [] and plain.predicted["loss"] == alts[0]["predicted_loss"]
 
 
-def test_session_states_roundtrip(tiny: nn.Module, tiny_data, tmp_path) -> None:
-    q, s = _session(tiny, tiny_data)
+def test_planner_states_roundtrip(tiny: nn.Module, tiny_data, tmp_path) -> None:
+    q, s = _planner(tiny, tiny_data)
     s.measure([(8, 8), (2, 2)], {n: [(8, 8), (2, 2)] for n in quant_layers(q)})
     s.save_states(tmp_path / "s.pt")
-    states = Session.load_states(tmp_path / "s.pt")
+    states = Planner.load_states(tmp_path / "s.pt")
     assert set(states) == set(s.states)
     for k, st in states.items():
         assert st.option == s.states[k].option
@@ -251,7 +251,7 @@ def test_session_states_roundtrip(tiny: nn.Module, tiny_data, tmp_path) -> None:
             assert torch.equal(v, s.states[k].tensors[name])
     torch.save({"version": 99}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="delete it"):
-        Session.load_states(tmp_path / "bad.pt")
+        Planner.load_states(tmp_path / "bad.pt")
 
 
 def layer_bits_of(q: nn.Module) -> dict[str, tuple[int, int]]:
@@ -342,14 +342,14 @@ class Branches(nn.Module):
         return self.a(x) + self.b(x) + self.c(x)
 
 
-def _branches_session() -> tuple[nn.Module, Session]:
+def _branches_planner() -> tuple[nn.Module, Planner]:
     model = Branches().eval()
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
     q = ptqkit.quantize(model, x, Recipe(first_last_8bit=False))
     calib = CalibrationData(x, batch_size=64)
     with torch.no_grad():
         ref = [model(b) for b in calib]
-    s = Session(q, calib, ref, "kl", range_tuner())
+    s = Planner(q, calib, ref, "kl", range_tuner())
     s.measure([(8, 8), (2, 8)], {n: [(8, 8), (2, 8)] for n in quant_layers(q)})
     return q, s
 
@@ -360,7 +360,7 @@ TWO_LOW = Budget("compression", (8 + 2 + 2) / (3 * 32))  # any two of the three 
 def test_refine_finds_the_interacting_pair() -> None:
     from ptqkit.algorithms.mixed_precision import RefineOptions
 
-    q, s = _branches_session()
+    q, s = _branches_planner()
     la, lb, lc = s.table.loss[:, 1]
     assert la == lb < lc  # the table ranks a, b cheapest: the paper's IP lowers both
     plain, _ = s.solve_measured(TWO_LOW, "ip")
@@ -379,7 +379,7 @@ def test_refine_finds_the_interacting_pair() -> None:
 def test_refine_rounds_zero_is_the_paper_ip(tiny: nn.Module, tiny_data) -> None:
     cands = "w8a8,w4a4,w2a2"
     q0 = ptqkit.quantize(tiny, tiny_data, _mp(compression=0.12, candidates=cands, refine_rounds=0))
-    q, s = _session(tiny, tiny_data)
+    q, s = _planner(tiny, tiny_data)
     s.measure(ip.candidate_options(cands), {n: ip.candidate_options(cands) for n in quant_layers(q)})
     sol = ip.solve_ip(s.table, Budget("compression", 0.12))
     s.apply(sol)
@@ -392,7 +392,7 @@ def test_refine_rounds_zero_is_the_paper_ip(tiny: nn.Module, tiny_data) -> None:
 def test_refine_never_worse_with_alternatives(tiny: nn.Module, tiny_data, budget: float) -> None:
     from ptqkit.algorithms.mixed_precision import RefineOptions
 
-    q, s = _session(tiny, tiny_data)
+    q, s = _planner(tiny, tiny_data)
     opts = [(8, 8), (4, 4), (3, 3), (2, 2)]
     s.measure(opts, {n: opts for n in quant_layers(q)})
     sol, alts = s.solve_measured(Budget("compression", budget), "ip", 3,
@@ -430,7 +430,7 @@ def test_context_deltas_equal_full_passes(tiny: nn.Module, tiny_data) -> None:
     calib = CalibrationData(tiny_data)
     with torch.no_grad():
         ref = [tiny(b) for b in calib]
-    s = Session(q, calib, ref, "kl", _adaquant_tuner({}, 0, {"iters": 3, "eval_every": 1}))
+    s = Planner(q, calib, ref, "kl", _adaquant_tuner({}, 0, {"iters": 3, "eval_every": 1}))
     opts = [(8, 8), (4, 4), (2, 2)]
     s.measure(opts, {n: opts for n in quant_layers(q)})
     choice = [1, 2, 0]

@@ -23,13 +23,13 @@ def test_export_run_dir(user_model, tmp_path: Path, capsys) -> None:  # noqa: F8
     onnx_path, packed = tmp_path / "m.onnx", tmp_path / "m.safetensors"
     assert main(["export", str(run), "--onnx", str(onnx_path), "--packed", str(packed)]) == 0
     assert onnx_path.is_file() and packed.is_file()
-    from ptqkit.export.onnx import ort_session
+    from ptqkit.export.onnx import ort_load
 
     qmodel, _, _ = load_run(run)
     x = torch.randn(5, 1, 8, 8)
     with torch.no_grad():
         sim = qmodel(x).numpy()
-    out = ort_session(onnx_path).run(None, {"input": x.numpy()})[0]
+    out = ort_load(onnx_path).run(None, {"input": x.numpy()})[0]
     assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / 255
 
 

@@ -22,9 +22,9 @@ def test_interleaved_latency_reports_every_model_and_batch(tmp_path, monkeypatch
     import ptqkit.export.deploy_bench as db
 
     calls = []
-    real = db.ort_session
+    real = db.ort_load
 
-    def session(path, threads):  # type: ignore[no-untyped-def]
+    def planner(path, threads):  # type: ignore[no-untyped-def]
         sess = real(path, threads)
         run = sess.run
 
@@ -34,7 +34,7 @@ def test_interleaved_latency_reports_every_model_and_batch(tmp_path, monkeypatch
                 return run(out, feed)
         return Spy()
 
-    monkeypatch.setattr(db, "ort_session", session)
+    monkeypatch.setattr(db, "ort_load", planner)
     res = interleaved_latency_ms(paths, x, LatencySpec(threads=1, batches=(1, 4), warmup=1, repeats=3))
     assert set(res) == {"a", "b"} and all(set(v) == {"latency_b1_ms", "latency_b4_ms"} for v in res.values())
     assert all(v > 0 for r in res.values() for v in r.values())

@@ -11,7 +11,7 @@ from ptqkit.export.int_outputs import layers_needing_output_quant
 from ptqkit.zoo.models import resnet20
 
 pytest.importorskip("onnxruntime")
-from ptqkit.export.onnx import export_onnx, optimized_op_counts, ort_session  # noqa: E402
+from ptqkit.export.onnx import export_onnx, optimized_op_counts, ort_load  # noqa: E402
 
 FAST = {"w_range": "minmax", "a_range": "minmax"}
 
@@ -44,7 +44,7 @@ def test_all_convs_integer_and_parity(tiny, tiny_data, tmp_path):
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1 and ops["Conv"] == 0
     with torch.no_grad():
         sim = qmodel(tiny_data)
-    out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
+    out = ort_load(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
     assert np.abs(out - sim.numpy()).max() <= 2 * float(sim.max() - sim.min()) / 255
 
 

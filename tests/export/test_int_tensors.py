@@ -14,7 +14,7 @@ from ptqkit.nn.modules import quant_layers
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from ptqkit.export.onnx import export_onnx, optimized_op_counts, ort_session  # noqa: E402
+from ptqkit.export.onnx import export_onnx, optimized_op_counts, ort_load  # noqa: E402
 
 FAST = {"w_range": "minmax", "a_range": "minmax"}
 # 7-bit symmetric weights: ORT's U8S8 kernels without VNNI cannot saturate their int16 pair sums
@@ -104,7 +104,7 @@ def test_integer_adds_and_pooling_match_simulated(relu_after, tiny_data, tmp_pat
     assert ops["Add"] == ops["Relu"] == ops["GlobalAveragePool"] == ops["DequantizeLinear"] == 0
     with torch.no_grad():
         sim = qmodel(tiny_data).numpy()
-    out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
+    out = ort_load(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
     lsb = float(sim.max() - sim.min()) / 255
     assert np.abs(out - sim).max() <= 2 * lsb
 
@@ -170,7 +170,7 @@ def test_sub_8bit_activations_keep_8bit_residuals(a_bits, tiny_data, tmp_path):
     export_onnx(qmodel, tmp_path / "m.onnx", tiny_data[:1])
     with torch.no_grad():
         sim = qmodel(tiny_data).numpy()
-    out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
+    out = ort_load(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
     # one rounding flip on a coarse grid moves the output by about one a_bits step (bias int32
     # rounding and float summation order flip some; as without int_outputs): 2 LSB of that grid
     assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / (2**a_bits - 1)
@@ -216,7 +216,7 @@ def test_float_op_feeding_an_add_gets_a_shared_quantizer(tiny_data, tmp_path):
     assert ops["QLinearAdd"] == 1 and ops["Add"] == 0 and ops["QLinearConv"] == 3
     with torch.no_grad():
         sim = qmodel(tiny_data).numpy()
-    out = ort_session(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
+    out = ort_load(tmp_path / "m.onnx").run(None, {"input": tiny_data.numpy()})[0]
     assert np.abs(out - sim).max() <= 2 * float(sim.max() - sim.min()) / 255
 
 

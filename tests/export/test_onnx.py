@@ -13,7 +13,7 @@ from ptqkit.nn.modules import quant_layers
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from ptqkit.export.onnx import export_onnx, optimized_op_counts  # noqa: E402
+from ptqkit.export.onnx import export_onnx, optimized_op_counts, ort_load  # noqa: E402
 
 FAST = {"w_range": "minmax", "a_range": "minmax"}
 
@@ -34,12 +34,7 @@ class ConvChain(nn.Module):
 
 
 def _run(path, x: torch.Tensor, optimize: bool = True) -> np.ndarray:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x.numpy()})[0]
+    return ort_load(path, threads=1, optimize=optimize).run(None, {"input": x.numpy()})[0]
 
 
 def _out_lsb(y: torch.Tensor) -> float:

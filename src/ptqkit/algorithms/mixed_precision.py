@@ -52,7 +52,7 @@ from .sensitivity import (
     snapshot,
 )
 
-__all__ = ["MixedPrecisionOptions", "MixedPrecision", "Session", "range_tuner", "TUNERS",
+__all__ = ["MixedPrecisionOptions", "MixedPrecision", "Planner", "range_tuner", "TUNERS",
            "closed_loop", "RefineOptions", "refine", "calib_subset"]
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ TUNERS: dict[str, Callable[[Mapping[str, Any], int, Mapping[str, Any]], OptionTu
 }
 
 
-# ----------------------------------------------------------------------------- session
+# ----------------------------------------------------------------------------- planner
 def allowed_options(layers: list[str], opts: MixedPrecisionOptions,
                     pin_first_last: bool) -> tuple[list[Option], dict[str, list[Option]]]:
     """Candidate options per layer: pinned layers (fixed patterns, first/last) get one."""
@@ -253,9 +253,9 @@ def allowed_options(layers: list[str], opts: MixedPrecisionOptions,
     return options, allowed
 
 
-class Session:
+class Planner:
     """A model with its measured table and per-(layer, option) states, ready to solve many budgets
-    (the sweep reuses one session across compressions)."""
+    (the sweep reuses one planner across compressions)."""
 
     def __init__(self, model: nn.Module, calib: CalibrationData, float_out: list[torch.Tensor],
                  loss: str, tuner: OptionTuner) -> None:
@@ -339,7 +339,7 @@ class Session:
         return sols[best], records
 
     def apply(self, solution: Solution, model: nn.Module | None = None) -> nn.Module:
-        """Stitch the chosen per-layer states into ``model`` (default: the session's model)."""
+        """Stitch the chosen per-layer states into ``model`` (default: the planner's model)."""
         model = self.model if model is None else model
         if self.table is None:
             raise RuntimeError("measure() or use_table() first")
@@ -349,7 +349,7 @@ class Session:
         return model
 
     def put(self, layer: QuantModule, name: str, option: Option) -> None:
-        """Put layer ``name`` (a module of any copy of the session's model) in its tuned state for
+        """Put layer ``name`` (a module of any copy of the planner's model) in its tuned state for
         ``option``; a state missing (table loaded from disk) is tuned now and kept."""
         if (name, option) not in self.states:
             if self._runner is None:
@@ -395,7 +395,7 @@ def _labels(calib: CalibrationData, batch: Any) -> torch.Tensor:
     return y
 
 
-def closed_loop(session: Session, max_drop: float, start: Budget, method: str = "ip",
+def closed_loop(planner: Planner, max_drop: float, start: Budget, method: str = "ip",
                 max_rounds: int = 4, refine_opts: RefineOptions | None = None,
                 ) -> tuple[Solution, list[dict[str, Any]]]:
     """Solve eq. 5 with a loss budget, apply (and, with ``refine_opts``, refine in context at the
@@ -403,25 +403,25 @@ def closed_loop(session: Session, max_drop: float, start: Budget, method: str = 
     shrink the loss budget by the observed over-shoot and re-solve. Returns the last solution
     applied and one record per round."""
     budget, rounds = start, []
-    assert session.table is not None
+    assert planner.table is not None
     for r in range(max_rounds):
         try:
-            sol = session.solve(budget, method)
+            sol = planner.solve(budget, method)
         except InfeasibleBudgetError as err:
-            sol = session.solve(Budget("loss", err.smallest), method)
-        session.apply(sol)
+            sol = planner.solve(Budget("loss", err.smallest), method)
+        planner.apply(sol)
         if method == "ip" and refine_opts is not None and refine_opts.rounds > 0:
-            sol = refine(session, sol, session.model, refine_opts)
-        measured = session.drop(session.model)
+            sol = refine(planner, sol, planner.model, refine_opts)
+        measured = planner.drop(planner.model)
         rounds.append({"round": r, "loss_budget": budget.value, "predicted_loss": sol.predicted["loss"],
                        "measured_drop": measured, "compression": sol.predicted["compression"],
                        "refine": sol.refine})
         log.info("closed loop round %d: budget %.4g, predicted %.4g, measured drop %.4g", r,
                  budget.value, sol.predicted["loss"], measured)
-        if measured <= max_drop or budget.value <= session.table.extreme("loss"):
+        if measured <= max_drop or budget.value <= planner.table.extreme("loss"):
             break
         shrink = min(0.9, max(0.1, max_drop / max(measured, 1e-12)))
-        budget = Budget("loss", max(session.table.extreme("loss"), sol.predicted["loss"] * shrink))
+        budget = Budget("loss", max(planner.table.extreme("loss"), sol.predicted["loss"] * shrink))
     return sol, rounds
 
 
@@ -449,7 +449,7 @@ def _refine_budget(table: SensitivityTable, sol: Solution) -> Budget:
     return Budget(kind, min(1.0, sol.predicted[kind] * (1 + 1e-9)))
 
 
-def refine(session: Session, solution: Solution, model: nn.Module, opts: RefineOptions) -> Solution:
+def refine(planner: Planner, solution: Solution, model: nn.Module, opts: RefineOptions) -> Solution:
     """IP with layer interactions (beyond the paper): re-linearise around the current solution.
 
     Each round measures dL_c[l, o] = L(c with l -> o) - L(c) for the neighbour options of every
@@ -461,16 +461,16 @@ def refine(session: Session, solution: Solution, model: nn.Module, opts: RefineO
     worse on the calibration set than ``solution``. ``model`` must hold ``solution``; it is left
     holding the result. The returned Solution's ``refine`` lists every round and attempt.
     """
-    assert session.table is not None
+    assert planner.table is not None
     t0 = time.perf_counter()
-    budget, sub = _refine_budget(session.table, solution), calib_subset(session.calib,
-                                                                        session.float_out, opts.samples)
+    budget, sub = _refine_budget(planner.table, solution), calib_subset(planner.calib,
+                                                                        planner.float_out, opts.samples)
     choice = list(solution.choice)
-    best = solution.measured if solution.measured is not None else session.measured_loss(model)
+    best = solution.measured if solution.measured is not None else planner.measured_loss(model)
     rounds: list[dict[str, Any]] = [{"round": 0, "predicted_loss": solution.predicted["loss"],
                                      "measured_loss": best, "accepted": True}]
     for r in range(1, opts.rounds + 1):
-        rec = _refine_round(session, model, choice, best, budget, sub, opts)
+        rec = _refine_round(planner, model, choice, best, budget, sub, opts)
         rounds.append({"round": r, **{k: v for k, v in rec.items() if k != "choice"},
                        "measured_loss": rec.get("measured_loss", best)})  # loss after the round
         log.info("IP refinement round %d: %s", r, _round_text(rec, best))
@@ -479,7 +479,7 @@ def refine(session: Session, solution: Solution, model: nn.Module, opts: RefineO
         choice, best = rec["choice"], rec["measured_loss"]
     status = f"{solution.status}; refined in context ({sum(x['accepted'] for x in rounds[1:])} " \
              f"of {len(rounds) - 1} rounds accepted)"
-    return Solution(choice, solution.method, status, session.table.evaluate(choice), solution.budget,
+    return Solution(choice, solution.method, status, planner.table.evaluate(choice), solution.budget,
                     solution.seconds + time.perf_counter() - t0, best, rounds)
 
 
@@ -489,13 +489,13 @@ def _round_text(rec: dict[str, Any], best: float) -> str:
     return f"from {best:.4g}: {tries or 'no move predicted to help'}; accepted={rec['accepted']}"
 
 
-def _refine_round(session: Session, model: nn.Module, choice: list[int], best: float, budget: Budget,
+def _refine_round(planner: Planner, model: nn.Module, choice: list[int], best: float, budget: Budget,
                   sub: tuple[CalibrationData, list[torch.Tensor]],
                   opts: RefineOptions) -> dict[str, Any]:
     """One re-measure / re-solve round; ``model`` holds ``choice`` again unless accepted."""
-    table = session.table
+    table = planner.table
     assert table is not None
-    deltas, subset_loss, n_probes = _context_deltas(session, model, choice, sub, opts.neighbours)
+    deltas, subset_loss, n_probes = _context_deltas(planner, model, choice, sub, opts.neighbours)
     local = local_table(table, choice, deltas)
     rec: dict[str, Any] = {"subset_loss": subset_loss, "probes": n_probes, "attempts": [],
                            "accepted": False, **_interaction(table, choice, deltas)}
@@ -505,7 +505,7 @@ def _refine_round(session: Session, model: nn.Module, choice: list[int], best: f
         k = changed(sol.choice, choice)
         if k == 0 or sol.predicted["loss"] >= 0.0:  # no move predicted to lower the loss
             break
-        measured = session.measured_loss(session.apply(sol, model))
+        measured = planner.measured_loss(planner.apply(sol, model))
         rec["attempts"].append({"changed": k, "predicted_loss": best + sol.predicted["loss"],
                                 "measured_loss": measured, "compression": sol.predicted["compression"],
                                 "additive_predicted": table.evaluate(sol.choice)["loss"]})
@@ -515,7 +515,7 @@ def _refine_round(session: Session, model: nn.Module, choice: list[int], best: f
         if limit < 1:
             break
     if rec["attempts"]:
-        session.apply(Solution(choice, "ip", "", {}, budget), model)
+        planner.apply(Solution(choice, "ip", "", {}, budget), model)
     return rec
 
 
@@ -533,11 +533,11 @@ def _interaction(table: SensitivityTable, choice: list[int], deltas: np.ndarray)
     return {"delta_ratio_median": ratio, "best_single_move": best}
 
 
-def _context_deltas(session: Session, model: nn.Module, choice: list[int],
+def _context_deltas(planner: Planner, model: nn.Module, choice: list[int],
                     sub: tuple[CalibrationData, list[torch.Tensor]],
                     neighbours: str) -> tuple[np.ndarray, float, int]:
     """(L, O) dL_c for the neighbour options (NaN elsewhere), L(c) on the subset, probe count."""
-    table = session.table
+    table = planner.table
     assert table is not None
     mask = neighbour_mask(table, choice, neighbours)
     layers = quant_layers(model)
@@ -546,9 +546,9 @@ def _context_deltas(session: Session, model: nn.Module, choice: list[int],
     order = [n for n in layers if n in probes]  # execution order of this model
 
     def switch(name: str, option: Option | None) -> None:
-        session.put(layers[name], name, current[name] if option is None else option)
+        planner.put(layers[name], name, current[name] if option is None else option)
 
-    base, measured = measure_in_context(model, sub[0], sub[1], session.loss,
+    base, measured = measure_in_context(model, sub[0], sub[1], planner.loss,
                                         {n: probes[n] for n in order}, switch)
     deltas = np.full(table.loss.shape, np.nan)
     for (name, option), d in measured.items():
@@ -569,42 +569,42 @@ class MixedPrecision(Step):
         t0 = time.perf_counter()
         recipe = ctx.report.recipe
         pin = recipe.get("first_last_8bit", True) if o.pin_first_last is None else o.pin_first_last
-        session = Session(ctx.qmodel, ctx.calib, ctx.float_outputs(), o.loss,
+        planner = Planner(ctx.qmodel, ctx.calib, ctx.float_outputs(), o.loss,
                           TUNERS[o.tuner](recipe, ctx.seed, o.tuner_options))
         options, allowed = allowed_options(list(ctx.layers()), o, bool(pin))
         if o.load_table:
-            session.use_table(SensitivityTable.load(o.load_table))
+            planner.use_table(SensitivityTable.load(o.load_table))
         else:
-            session.measure(options, allowed)
-        assert session.table is not None
-        session.table.meta["gain"] = o.gain
+            planner.measure(options, allowed)
+        assert planner.table is not None
+        planner.table.meta["gain"] = o.gain
         if o.save_table:
-            session.table.save(o.save_table)
+            planner.table.save(o.save_table)
         t_table = time.perf_counter() - t0
         rounds: list[dict[str, Any]] = []
         if o.max_drop is not None:
-            sol, rounds = closed_loop(session, o.max_drop, o.budget(), o.method, o.max_rounds,
+            sol, rounds = closed_loop(planner, o.max_drop, o.budget(), o.method, o.max_rounds,
                                       o.refine())
         else:
-            sol, alts = session.solve_measured(o.budget(), o.method, o.alternatives,
+            sol, alts = planner.solve_measured(o.budget(), o.method, o.alternatives,
                                                refine_opts=o.refine())
             rounds = [{"alternative": i, **r} for i, r in enumerate(alts)]
-        return self._summary(session, sol, rounds, ctx, t_table)
+        return self._summary(planner, sol, rounds, ctx, t_table)
 
-    def _summary(self, session: Session, sol: Solution, rounds: list[dict[str, Any]],
+    def _summary(self, planner: Planner, sol: Solution, rounds: list[dict[str, Any]],
                  ctx: Context, t_table: float) -> dict[str, Any]:
-        assert session.table is not None
-        bits = sol.bits(session.table)
+        assert planner.table is not None
+        bits = sol.bits(planner.table)
         for i, name in enumerate(bits):
-            ctx.report.layer(name)["mp_dL"] = float(session.table.loss[i, sol.choice[i]])
-        measured = session.measured_loss(ctx.qmodel)
+            ctx.report.layer(name)["mp_dL"] = float(planner.table.loss[i, sol.choice[i]])
+        measured = planner.measured_loss(ctx.qmodel)
         ctx.report.notes.append(
             f"mixed precision ({sol.method}, {sol.status}): {sol.budget.kind} budget "
             f"{sol.budget.value:.4g}; compression {sol.predicted['compression']:.4f}; "
-            f"expected {session.loss} increase {sol.predicted['loss']:.4g}, measured {measured:.4g}")
+            f"expected {planner.loss} increase {sol.predicted['loss']:.4g}, measured {measured:.4g}")
         return {"method": sol.method, "status": sol.status, "budget": vars(sol.budget),
-                "predicted": sol.predicted, "measured_loss": measured, "loss": session.loss,
+                "predicted": sol.predicted, "measured_loss": measured, "loss": planner.loss,
                 "bits": {n: f"w{w}a{a}" for n, (w, a) in bits.items()}, "rounds": rounds,
                 "refine": sol.refine,
                 "solve_seconds": sol.seconds, "table_seconds": t_table,
-                "table": session.table.to_dict()}
+                "table": planner.table.to_dict()}

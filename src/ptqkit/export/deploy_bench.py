@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..calib.data import CalibrationData
-from .onnx import export_onnx, optimized_op_counts, ort_session
+from .onnx import export_onnx, optimized_op_counts, ort_load
 
 __all__ = ["LatencySpec", "export_float", "ort_quantize", "ort_predict", "latency_ms",
            "interleaved_latency_ms", "ORT_CALIBRATORS", "ort_peer_row", "deploy_row",
@@ -130,7 +130,7 @@ def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str]
 def ort_predict(path: str | os.PathLike[str], x: torch.Tensor, batch_size: int = 64,
                 threads: int = 2) -> torch.Tensor:
     """Logits of the ONNX model on ``x`` (N, ...) with ONNX Runtime."""
-    sess = ort_session(path, threads)
+    sess = ort_load(path, threads)
     outs = [sess.run(None, {"input": x[i:i + batch_size].numpy()})[0]
             for i in range(0, len(x), batch_size)]
     return torch.from_numpy(np.concatenate(outs))
@@ -147,22 +147,22 @@ def interleaved_latency_ms(paths: dict[str, Path], sample: torch.Tensor,
     model once per batch size (the order rotating from repeat to repeat, so no model always runs
     right after the same other one), so load changes on a busy machine hit all models alike.
     ``warmup`` runs per model and batch size are discarded first."""
-    sessions = {tag: ort_session(p, spec.threads) for tag, p in paths.items()}
+    runners = {tag: ort_load(p, spec.threads) for tag, p in paths.items()}
     feeds = {b: {"input": sample[:b].numpy()} for b in spec.batches}
-    for sess in sessions.values():
+    for sess in runners.values():
         for feed in feeds.values():
             for _ in range(spec.warmup):
                 sess.run(None, feed)
-    times: dict[tuple[str, int], list[float]] = {(t, b): [] for t in sessions for b in spec.batches}
-    tags = list(sessions)
+    times: dict[tuple[str, int], list[float]] = {(t, b): [] for t in runners for b in spec.batches}
+    tags = list(runners)
     for r in range(spec.repeats):
         for b, feed in feeds.items():
             for tag in tags[r % len(tags):] + tags[:r % len(tags)]:  # rotate: no fixed position
                 t0 = time.perf_counter()
-                sessions[tag].run(None, feed)
+                runners[tag].run(None, feed)
                 times[tag, b].append(time.perf_counter() - t0)
     return {tag: {f"latency_b{b}_ms": 1000 * statistics.median(times[tag, b])
-                  for b in spec.batches} for tag in sessions}
+                  for b in spec.batches} for tag in runners}
 
 
 def integer_kernels(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -177,11 +177,11 @@ def integer_kernels(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class OrtModule(nn.Module):
-    """Wraps an ONNX Runtime session as a module (so evaluate() and predict() apply)."""
+    """Wraps an ONNX Runtime inference runner as a module (so evaluate() and predict() apply)."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int = 2) -> None:
         super().__init__()
-        self.sess = ort_session(path, threads)
+        self.sess = ort_load(path, threads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.sess.run(None, {"input": x.detach().numpy()})[0])

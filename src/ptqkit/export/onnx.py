@@ -46,7 +46,7 @@ from ..nn.modules import QuantModule, quant_layers
 from ..nn.prepare import set_module
 from .int_outputs import OUT_ATTR, output_quantizers
 
-__all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_session", "optimized_op_counts",
+__all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_load", "optimized_op_counts",
            "QDQLayer", "QDQTensor", "simplify_qdq"]
 
 log = logging.getLogger(__name__)
@@ -506,15 +506,18 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: 
     return info
 
 
-def ort_session(path: str | os.PathLike[str], threads: int = 2,
-                optimized_path: str | None = None) -> Any:
-    """An ONNX Runtime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+def ort_load(path: str | os.PathLike[str], threads: int = 2, optimized_path: str | None = None,
+             optimize: bool = True) -> Any:
+    """The ONNX model at ``path`` loaded into ONNX Runtime's CPU provider with ``threads`` intra-op
+    threads and all graph optimisations (none when ``optimize`` is False); ``optimized_path``
+    saves the graph ONNX Runtime actually runs."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     so.log_severity_level = 3
     if optimized_path:
         so.optimized_model_filepath = optimized_path
@@ -526,5 +529,5 @@ def optimized_op_counts(path: str | os.PathLike[str], workdir: str | os.PathLike
     import onnx
 
     out = str(Path(workdir) / (Path(path).stem + ".ort-optimized.onnx"))
-    ort_session(path, threads=1, optimized_path=out)
+    ort_load(path, threads=1, optimized_path=out)
     return Counter(n.op_type for n in onnx.load(out).graph.node)
