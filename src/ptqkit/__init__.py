@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .core.spec import QuantSpec
-from .export import int_outputs as _int_outputs  # noqa: F401  (registers the "int_outputs" step)
 from .export.onnx import export_onnx
 from .export.packed import load, save
 from .pipeline import Recipe, quantize

@@ -38,9 +38,9 @@ import torch
 import yaml
 from torch import nn
 
+from .algorithms.int_outputs import install_output_quantizer, output_quantizers
 from .core.quantizer import Quantizer
 from .core.spec import QuantSpec
-from .export.int_outputs import install_output_quantizer, output_quantizers
 from .nn.modules import quant_layers
 from .pipeline import Recipe, layer_bits, rebuild
 from .safe_io import (

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.test_cli import user_model  # noqa: F401  (fixture)
 
 from ptqkit.cli import main
 from ptqkit.runs import load_run
-from tests.test_cli import user_model  # noqa: F401  (fixture)
 
 pytest.importorskip("onnxruntime")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ptqkit
-from ptqkit.export.int_outputs import layers_needing_output_quant
+from ptqkit.algorithms.int_outputs import layers_needing_output_quant
 from ptqkit.zoo.models import resnet20
 
 pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ptqkit
-from ptqkit.export.int_outputs import OUT_ATTR, output_quantizers, plan_int_tensors
+from ptqkit.algorithms.int_outputs import OUT_ATTR, output_quantizers, plan_int_tensors
 from ptqkit.nn.modules import quant_layers
 
 onnx = pytest.importorskip("onnx")
@@ -221,7 +221,7 @@ def test_float_op_feeding_an_add_gets_a_shared_quantizer(tiny_data, tmp_path):
 
 
 def test_biases_sit_on_the_int32_grid(tiny_data):
-    from ptqkit.export.int_outputs import snap_bias
+    from ptqkit.algorithms.int_outputs import snap_bias
 
     # hand-checkable: s_x * s_w = 0.5 * [0.1, 0.2] -> grid steps 0.05 and 0.1
     got = snap_bias(torch.tensor([0.12, -0.26]), torch.tensor(0.5), torch.tensor([0.1, 0.2]))

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from tests.conftest import TinyNet
 from torch import nn
 
 import ptqkit
 from ptqkit.export.packed import pack_bits, unpack_bits
-from tests.conftest import TinyNet
 
 FAST = {"w_range": "minmax", "a_range": "minmax"}
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tests.conftest import TinyNet
 from torch import nn
 
 import ptqkit
 from ptqkit.export.packed import _digest
-from tests.conftest import TinyNet
 
 FAST = {"w_range": "minmax", "a_range": "minmax"}
 FLOATS = "data.float32.shuffle4-zlib"

@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     bit_allocation,
     bn_tuning,
     embeddings,
+    int_outputs,
     lapq,
     mixed_precision,
     range_init,

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..algorithms.int_outputs import OUT_ATTR, output_quantizers
 from ..nn.modules import QuantModule, quant_layers
 from ..nn.prepare import set_module
-from .int_outputs import OUT_ATTR, output_quantizers
 
 __all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_load", "optimized_op_counts",
            "QDQLayer", "QDQTensor", "simplify_qdq"]

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..algorithms.int_outputs import install_output_quantizer, output_quantizers
 from ..core.quantizer import Quantizer
 from ..core.spec import SUPPORTED_BITS, QuantSpec
 from ..nn.modules import REGISTRY, QuantModule, quant_class_for, quant_layers
 from ..nn.prepare import PTQState, _fold_all, set_module
-from .int_outputs import install_output_quantizer, output_quantizers
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "pack_bits", "unpack_bits", "save", "load"]
 

@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..algorithms.base import Context, Step, register_step
 from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
 from ..nn.modules import QuantConv1d, QuantConv2d, QuantModule
 from ..ranges import get_range_method
+from .base import Context, Step, register_step
 
 __all__ = ["IntOutputsOptions", "IntOutputs", "TensorSite", "layers_needing_output_quant",
            "snap_bias", "snap_biases",
