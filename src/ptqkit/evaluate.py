@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .calib.capture import record_io
 from .calib.data import CalibrationData
-from .calib.loss import kl_to_float, sqnr_db
+from .calib.loss import calibration_loss, sqnr_db
 from .nn.control import quantizers_disabled
 from .nn.modules import quant_layers
 
@@ -59,7 +59,7 @@ def evaluate(qmodel: nn.Module, float_model: nn.Module, x: torch.Tensor,
     out = predict(qmodel, x, batch_size, desc="evaluate")
     res: dict[str, Any] = {
         "agreement": 100.0 * float((out.argmax(1) == ref.argmax(1)).float().mean()),
-        "kl": float(kl_to_float(ref, out)),
+        "kl": calibration_loss([ref], [out]),
     }
     if out.dim() == 2 and out.shape[1] > 5:
         res["top5_agreement"] = top5_agreement(ref, out)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ptqkit
-from ptqkit.algorithms.lapq import LAPQOptions, calibration_loss, parabola_vertex
-from ptqkit.calib.loss import kl_to_float
+from ptqkit.algorithms.lapq import LAPQOptions, parabola_vertex
+from ptqkit.calib.loss import calibration_loss, kl_to_float
 from ptqkit.pipeline import Recipe, StepSpec
 
 
@@ -31,12 +31,24 @@ def test_parabola_vertex_hand_checked() -> None:
 def test_calibration_loss_kl_and_ce() -> None:
     f = [torch.randn(4, 3), torch.randn(2, 3)]
     q = [t + 0.1 * torch.randn_like(t) for t in f]
-    assert calibration_loss(f, f, None) == pytest.approx(0.0, abs=1e-7)
+    assert calibration_loss(f, f) == pytest.approx(0.0, abs=1e-7)
     expected = (float(kl_to_float(f[0], q[0])) * 4 + float(kl_to_float(f[1], q[1])) * 2) / 6
-    assert calibration_loss(q, f, None) == pytest.approx(expected, rel=1e-6)
+    assert calibration_loss(f, q) == pytest.approx(expected, rel=1e-6)
     y = [torch.tensor([0, 1, 2, 0]), torch.tensor([1, 1])]
-    ce = float(F.cross_entropy(torch.cat(q), torch.cat(y)))
-    assert calibration_loss(q, f, y) == pytest.approx(ce, rel=1e-6)
+    ce = float(F.cross_entropy(torch.cat(q), torch.cat(y)) - F.cross_entropy(torch.cat(f), torch.cat(y)))
+    assert calibration_loss(f, q, y) == pytest.approx(ce, rel=1e-5)
+    assert calibration_loss(f, f, y) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="calibration batch 1 has no labels"):
+        calibration_loss(f, q, [y[0], None])
+
+
+def test_calibration_loss_weights_tokens_not_samples() -> None:
+    f = [torch.randn(2, 5, 3), torch.randn(2, 1, 3)]  # 10 tokens, then 2
+    q = [t + 0.3 * torch.randn_like(t) for t in f]
+    flat = float(kl_to_float(torch.cat([t.reshape(-1, 3) for t in f]),
+                             torch.cat([t.reshape(-1, 3) for t in q])))
+    assert calibration_loss(f, q) == pytest.approx(flat, rel=1e-5)
+    assert calibration_loss([], []) == 0.0
 
 
 def _lapq(tiny: nn.Module, calib, **opts):  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..calib.data import CalibrationData
-from ..calib.loss import kl_to_float
+from ..calib.loss import calibration_loss
 from ..nn.control import float_weights, original_float
 from ..nn.modules import QuantModule, quant_layers
 
@@ -137,11 +137,7 @@ def all_zero(outputs: list[torch.Tensor]) -> bool:
 
 @torch.no_grad()
 def calibration_kl(ctx: Context) -> float:
-    """Sample-weighted mean KL(float || quantized) of the model outputs on the calibration set."""
-    total, count = 0.0, 0
-    for batch, ref in zip(ctx.calib.batches, ctx.float_outputs()):
-        out = ctx.calib.forward(ctx.qmodel, batch)
-        n = ref.reshape(-1, ref.shape[-1]).shape[0]
-        total += float(kl_to_float(ref, out)) * n
-        count += n
-    return total / max(count, 1)
+    """:func:`~ptqkit.calib.loss.calibration_loss` (the KL) of ``ctx.qmodel`` against the float
+    outputs on the calibration set."""
+    return calibration_loss(ctx.float_outputs(),
+                            (ctx.calib.forward(ctx.qmodel, b) for b in ctx.calib.batches))

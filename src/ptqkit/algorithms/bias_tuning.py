@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.data import CalibrationData
-from ..calib.loss import kl_to_float
+from ..calib.loss import calibration_loss, kl_to_float
 from ..nn.modules import quant_layers
 from .base import Context, Step, register_step
 
@@ -73,14 +73,9 @@ def _only_trainable(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterato
 @torch.no_grad()
 def _kl(model: nn.Module, calib: CalibrationData, teacher: Sequence[torch.Tensor],
         idx: Sequence[int]) -> float:
-    """Sample-weighted mean KL to the teacher over the batches ``idx``."""
-    total, count = 0.0, 0
-    for i in idx:
-        t = teacher[i]
-        n = t.reshape(-1, t.shape[-1]).shape[0]
-        total += float(kl_to_float(t, calib.forward(model, calib.batches[i]))) * n
-        count += n
-    return total / max(count, 1)
+    """The calibration loss (KL to the teacher) over the batches ``idx``."""
+    return calibration_loss([teacher[i] for i in idx],
+                            (calib.forward(model, calib.batches[i]) for i in idx))
 
 
 def tune_biases(model: nn.Module, calib: CalibrationData, teacher: Sequence[torch.Tensor],

@@ -14,7 +14,8 @@ activations, min-max per-channel weights) - has the lowest loss on the whole cal
 
 Step 2 (joint optimisation): one clipping multiplier m_q per quantizer, range_q = m_q * init_q,
 optimised jointly with Powell's method (scipy) on the calibration loss - label-free KL to the
-float logits, or cross-entropy when the calibration batches carry labels. At 4 bits and below the
+float logits, or cross-entropy relative to the float model's when the calibration batches carry
+labels (:func:`~ptqkit.calib.loss.calibration_loss`). At 4 bits and below the
 loss is not separable across layers, hence the joint search. The number of loss evaluations is
 capped; the result is never worse than the initial point on the full calibration loss.
 """
@@ -30,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import minimize
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calib.capture import collect_input_samples
 from ..calib.data import CalibrationData, batch_size_of
-from ..calib.loss import kl_to_float
+from ..calib.loss import calibration_loss
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantModule
@@ -45,7 +45,7 @@ from ..ranges.lp import lp_search_refined
 from .base import Context, Step, all_zero, register_step
 from .range_init import START_CANDIDATES, RangeOptions, init_activation_ranges, init_weight_ranges
 
-__all__ = ["parabola_vertex", "calibration_loss", "LAPQOptions", "LAPQ", "LOSSES", "INITS",
+__all__ = ["parabola_vertex", "LAPQOptions", "LAPQ", "LOSSES", "INITS",
            "INIT_CANDIDATES"]
 
 log = logging.getLogger(__name__)
@@ -67,22 +67,6 @@ def parabola_vertex(ps: list[float], losses: list[float]) -> float | None:
         return None
     vertex = float(-b / (2 * a))
     return vertex if min(ps) <= vertex <= max(ps) else None
-
-
-def calibration_loss(outputs: list[torch.Tensor], float_outputs: list[torch.Tensor],
-                     labels: list[torch.Tensor] | None) -> float:
-    """Sample-weighted mean over batches: KL(float || quant) of the logits (N, ..., K), or
-    cross-entropy of the quantized logits against ``labels`` when given."""
-    total, count = 0.0, 0
-    for i, (q, f) in enumerate(zip(outputs, float_outputs)):
-        n = q.reshape(-1, q.shape[-1]).shape[0]
-        if labels is not None:
-            loss = F.cross_entropy(q.reshape(n, -1).float(), labels[i].reshape(-1))
-        else:
-            loss = kl_to_float(f, q)
-        total += float(loss) * n
-        count += n
-    return total / count
 
 
 @dataclass(frozen=True)
@@ -250,7 +234,7 @@ def _evaluator(ctx: Context, kind: str, limit: int | None, cache: _PrefixCache |
     @torch.no_grad()
     def loss() -> float:
         if cache is None:
-            return calibration_loss([data.forward(ctx.qmodel, b) for b in data], refs, labels)
+            return calibration_loss(refs, [data.forward(ctx.qmodel, b) for b in data], labels)
         outs = []
         cache.on, cache.called = True, set()
         try:
@@ -260,7 +244,7 @@ def _evaluator(ctx: Context, kind: str, limit: int | None, cache: _PrefixCache |
         finally:
             cache.on = False
         cache.valid = 0 if cache.broken else len(cache.layers)
-        return calibration_loss(outs, refs, labels)
+        return calibration_loss(refs, outs, labels)
     return loss
 
 

@@ -17,14 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..calib.capture import record_io
 from ..calib.data import CalibrationData, default_forward
 from ..calib.engine import LeafTracer, run_nodes
-from ..calib.loss import kl_to_float
+from ..calib.loss import calibration_loss
 from ..nn.control import only_enabled, quantizers_disabled
 from ..nn.modules import QuantModule
 from .ip import Option, SensitivityTable
@@ -122,20 +121,11 @@ def _input_of(batch: Any) -> torch.Tensor:
 
 def calib_loss(calib: CalibrationData, float_out: list[torch.Tensor],
                outputs: Iterator[torch.Tensor], kind: str) -> float:
-    """Loss of the outputs on the calibration set relative to the float model: mean KL(float ||
-    quant) ('kl'), or cross-entropy minus the float model's cross-entropy ('ce', needs labels)."""
-    total, count = 0.0, 0
-    for batch, ref, out in zip(calib, float_out, outputs):
-        n = out.shape[0]
-        if kind == "kl":
-            total += float(kl_to_float(ref, out)) * n
-        else:
-            y = calib.labels(batch)
-            if y is None:
-                raise ValueError("loss 'ce' needs labelled calibration batches; use 'kl'")
-            total += float(F.cross_entropy(out.float(), y) - F.cross_entropy(ref.float(), y)) * n
-        count += n
-    return total / count
+    """:func:`~ptqkit.calib.loss.calibration_loss` of the outputs on the calibration set: the KL
+    to the float model ('kl'), or the cross-entropy relative to the float model's ('ce', needs
+    labelled batches)."""
+    labels = [calib.labels(b) for b in calib] if kind == "ce" else None
+    return calibration_loss(float_out, outputs, labels)
 
 
 @dataclass
