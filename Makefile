@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.ptqkit-installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 STAMPS := /usr/share/tuxpaint/stamps/animals
 WALLS  := /usr/share/wallpapers/Path
+CHROME := /usr/bin/chromium
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup data demo test lint bench
@@ -19,13 +20,13 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-DEBS := dataset-fashion-mnist tuxpaint-stamps-default plasma-workspace-wallpapers
+DEBS := dataset-fashion-mnist tuxpaint-stamps-default plasma-workspace-wallpapers chromium
 
-$(FMNIST) $(STAMPS) $(WALLS):
+$(FMNIST) $(STAMPS) $(WALLS) $(CHROME):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(DEBS)
 
-data: $(FMNIST) $(STAMPS) $(WALLS)
+data: $(FMNIST) $(STAMPS) $(WALLS) $(CHROME)
 
 demo: setup data
 	$(VENV)/bin/ptqkit demo

@@ -39,7 +39,7 @@ def test_quantize_user_model_writes_run_that_reloads(user_model, tmp_path: Path,
                "--w-bits", "4", "--a-bits", "8", "--out", str(out)])
     assert rc == 0
     assert {p.name for p in out.iterdir()} == {"run.json", "recipe.yaml", "report.json",
-                                               "quantized.pt", "example.pt"}
+                                               "quantized.pt", "example.pt", "report.html"}
     report = json.loads((out / "report.json").read_text())
     assert report["layers"]["0"]["w_bits"] == 8 and report["recipe"]["w_bits"] == 4
     qmodel, float_model, meta = load_run(out)

@@ -16,6 +16,7 @@ import torch
 from . import bench as bench_mod
 from .calib.data import CalibrationData
 from .pipeline import PRESETS, Recipe, StepSpec, quantize
+from .report import StageLog
 from .runs import RUN_FILES, ModelSource, RunStage, load_example, load_run, read_run, run_files, save_run
 from .safe_io import check_new_file, inside, load_tensors, replacing_file
 from .sweep import add_sweep_parser, with_mixed_precision
@@ -199,28 +200,116 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     n = _calib_size(args)
     source = ModelSource(args.model, args.weights).resolved()
     inputs = [*source.files(), *(Path(p) for p in (args.calib, args.recipe, args.data_dir) if p)]
+    stages = StageLog()
     with RunStage(args.out, args.force, inputs) as stage:  # the output is checked before the work
         run_recipe, moves = _with_tables(recipe, args, stage, inputs)
         try:
-            model = source.load()
-            calib = _calibration(args, source, recipe, n)
-            qmodel = quantize(model, calib, run_recipe)
+            with stages.stage("load model"):
+                model = source.load()
+            with stages.stage("calibration data"):
+                calib = _calibration(args, source, recipe, n)
+            with stages.stage("quantize"), stages.forward("ptqkit.pipeline"):
+                qmodel = quantize(model, calib, run_recipe)
             report = getattr(qmodel, "report", None)
             if report is not None:
                 report.recipe = recipe.to_dict()  # as given, not the redirected table paths
             example = calib.batches[0] if isinstance(calib.batches[0], torch.Tensor) else None
             if example is None:
                 raise ValueError("saving a run needs tensor calibration batches")
-            out = save_run(args.out, qmodel, source, recipe, example, stage=stage)
+            with stages.stage("report"):
+                _stage_report(stage.path, source, recipe, qmodel, example)
+            with stages.stage("save run"):
+                out = save_run(args.out, qmodel, source, recipe, example, stage=stage)
             for tmp, target in moves:
                 os.replace(tmp, target)
         finally:
             for tmp, _ in moves:
                 tmp.unlink(missing_ok=True)
     print(qmodel.report)
-    print(f"wrote {out}/ (quantized.pt, report.json, recipe.yaml, run.json)"
+    print(f"wrote {out}/ (quantized.pt, report.json, recipe.yaml, run.json"
+          + (", report.html)" if (out / REPORT_HTML).is_file() else ")")
           + "".join(f"\nwrote {target}" for _, target in moves))
     return 0
+
+
+REPORT_HTML = "report.html"  # written into every run by quantize (and listed in its run.json)
+
+
+def _stage_report(folder: Path, source: ModelSource, recipe: Recipe, qmodel: torch.nn.Module,
+                  example: torch.Tensor) -> None:
+    """Write the run's report.html into the staged run folder; a failure to render it is a
+    warning, never the loss of the run."""
+    import yaml
+
+    from .report import layer_facts, run_report
+
+    try:
+        text = run_report(source.spec, qmodel.report.to_dict(),  # type: ignore[operator]
+                          yaml.safe_dump(recipe.to_dict(), sort_keys=False),
+                          layer_facts(qmodel, example[:1]))
+        (folder / REPORT_HTML).write_text(text, encoding="utf-8")
+    except Exception as exc:  # the quantized model matters more than its report
+        logging.getLogger(__name__).warning("%s not written: %s", REPORT_HTML, exc)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report_from_dir, sweep_report, write_html
+
+    target, out = Path(args.run_dir), Path(args.out)
+    if target.is_file() and target.suffix == ".json":
+        rows = _json_rows(target, "the sweep rows")
+        peers = _json_rows(Path(args.peers), "--peers") if args.peers else []
+        write_html(sweep_report(rows, peers, target.stem), out, args.force, keep=[target])
+    else:
+        if args.peers:
+            raise ValueError("--peers goes with a sweep's JSON rows, not with a run directory")
+        if not target.is_dir():
+            raise FileNotFoundError(f"{target} is neither a run directory nor a sweep's JSON rows; "
+                                    "give the --out folder of ptqkit quantize or a --json of ptqkit sweep")
+        text = run_report_from_dir(target)  # verifies the run first
+        own = [target / f for f in (*RUN_FILES, *run_files(target))]
+        write_html(text, out, args.force, keep=own)
+    print(f"wrote {out}")
+    return 0
+
+
+def _json_rows(path: Path, what: str) -> list[dict[str, Any]]:
+    import json
+
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{what} {path} does not hold rows (a JSON list of objects)")
+    return rows
+
+
+def _add_report_flag(sub: Any) -> None:
+    """``ptqkit sweep --report FILE``: the sweep's HTML report, written after its table."""
+    s = sub.choices["sweep"]
+    s.add_argument("--report", metavar="FILE", help="write the HTML report of the sweep here "
+                   "(curves and the table of points)")
+    s.add_argument("--force", action="store_true", help="replace an existing --report file")
+    run = s.get_default("func")
+
+    def with_report(args: argparse.Namespace) -> int:
+        from .report import StageLog, sweep_report, write_html
+        from .safe_io import check_new_file
+
+        if args.report:
+            check_new_file(Path(args.report), args.force, "--report",
+                           keep=[Path(p) for p in (args.json,) if p])
+        stages = StageLog()
+        with stages.stage("sweep"), stages.forward("ptqkit.sweep"):
+            rc = run(args)
+        if args.report:
+            rows = getattr(args, "sweep_rows", [])
+            write_html(sweep_report(rows, title=args.suite), Path(args.report), args.force,
+                       flag="--report")
+            print(f"wrote {args.report}")
+        return int(rc)
+    s.set_defaults(func=with_report)
 
 
 def _run_source(args: argparse.Namespace) -> ModelSource | None:
@@ -388,6 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default="calib_study.png", help="where the study writes its plot")
     b.set_defaults(func=cmd_bench)
     add_sweep_parser(sub)
+    _add_report_flag(sub)
+
+    r = sub.add_parser("report", help="self-contained HTML report of a run directory or of a "
+                       "sweep's JSON rows")
+    r.add_argument("run_dir", help="run directory (ptqkit quantize --out) or sweep rows (.json)")
+    r.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    r.add_argument("--force", action="store_true", help="replace an existing --out file")
+    r.add_argument("--peers", help="with sweep rows: bench rows (JSON) shown as single points")
+    r.set_defaults(func=cmd_report)
 
     x = sub.add_parser("export", help="export a run directory to ONNX (QDQ) and/or a packed checkpoint")
     x.add_argument("run_dir")
@@ -418,7 +516,7 @@ def _refuse_empty_values(parser: argparse.ArgumentParser, args: argparse.Namespa
             raise ValueError(f"{name} was given an empty value; give a value or leave it out")
 
 
-_OUTPUTS = ("out", "json", "plot", "onnx", "packed", "save_table")
+_OUTPUTS = ("out", "json", "plot", "onnx", "packed", "save_table", "report")
 
 
 def _stamps(args: argparse.Namespace) -> dict[str, tuple[int, int, int] | None]:

@@ -450,6 +450,7 @@ def cmd_sweep(args: Any) -> int:
     for suite in (s.strip() for s in args.suite.split(",") if s.strip() and not args.report_only):
         done = {(r["method"], r.get("budget")) for r in rows if r.get("suite") == suite}
         run_sweep(suite, cfg, on_row=save, done=done)
+    args.sweep_rows = rows  # every row of this sweep, for the caller (the --report writer)
     points = [r for r in rows if not str(r["method"]).startswith("table:")]
     print(bench.markdown_table(points, ("suite", "method", "budget", "compression", "fp32_top1",
                                         "quant_top1", "delta", "expected_calib_loss",
