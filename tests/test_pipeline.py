@@ -63,3 +63,46 @@ def test_calibration_data_formats(tiny: nn.Module, tiny_data) -> None:
     assert not CalibrationData(tiny_data).has_labels
     with pytest.raises(ValueError, match="empty"):
         CalibrationData([])
+
+
+def test_steps_take_options_objects_and_round_trip(tmp_path) -> None:
+    import yaml
+
+    from ptqkit.algorithms.adaquant import AdaQuantOptions
+    from ptqkit.algorithms.lapq import LAPQOptions
+    from ptqkit.pipeline import StepSpec
+
+    r = Recipe(w_bits=4, steps=(AdaQuantOptions(iters=5), "bn_tuning",
+                                LAPQOptions(p_grid=(2.0, 3.0, 4.0))))
+    assert [s.name for s in r.steps] == ["adaquant", "bn_tuning", "lapq"]
+    assert r.steps[0] == StepSpec("adaquant", {"iters": 5})  # only what differs from defaults
+    assert r.with_steps(AdaQuantOptions(mode="parallel")).steps[-1].options == {"mode": "parallel"}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(r.to_dict()))
+    back = Recipe.from_yaml(path)
+    assert back == r and back.steps[2].build().options == LAPQOptions(p_grid=[2.0, 3.0, 4.0])
+    assert StepSpec("adaquant", AdaQuantOptions()).options == {}
+    with pytest.raises(ValueError, match="step 'lapq' takes LAPQOptions, got AdaQuantOptions"):
+        StepSpec("lapq", AdaQuantOptions())
+
+
+def test_steps_read_the_recipe_from_the_context(tiny: nn.Module, tiny_data) -> None:
+    from ptqkit.algorithms import STEPS, Step
+    from ptqkit.algorithms.base import Context
+
+    seen: list[Recipe | None] = []
+
+    class Probe(Step[object]):
+        name = "probe"
+
+        def run(self, ctx: Context) -> dict[str, object]:
+            seen.append(ctx.recipe)
+            return {}
+
+    STEPS["probe"] = Probe
+    try:
+        recipe = Recipe(w_bits=4, a_range="minmax", steps=("probe",))
+        ptqkit.quantize(tiny, tiny_data, recipe)
+    finally:
+        del STEPS["probe"]
+    assert seen == [recipe]

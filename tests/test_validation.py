@@ -179,3 +179,16 @@ def test_non_finite_weight_scale_is_refused_with_the_layer_named(tiny, tiny_data
         tiny.fc.weight[1, 2] = float("nan")
     _one_line_error(lambda: ptqkit.quantize(tiny, tiny_data, Recipe(**FAST)),
                     "'fc'", "w_quant", "nan")
+
+
+def test_nested_options_are_checked_when_the_options_are_built() -> None:
+    from ptqkit.algorithms.mixed_precision import MixedPrecisionOptions
+
+    _one_line_error(lambda: MixedPrecisionOptions(compression=0.1, tuner="adaquant",
+                                                  tuner_options={"iters": "many"}),
+                    "tuner_options (adaquant) option 'iters'", "an int", "'many'")
+    _one_line_error(lambda: MixedPrecisionOptions(compression=0.1, tuner_options={"itres": 5}),
+                    "unknown option(s) ['itres']", "valid options", "'iters'")
+    _one_line_error(lambda: MixedPrecisionOptions(compression=0.1, tuner_options=[1]),  # type: ignore[arg-type]
+                    "tuner_options (adaquant) options", "a mapping")
+    assert MixedPrecisionOptions(compression=0.1, tuner_options={"iters": 3}).tuner_options == {"iters": 3}

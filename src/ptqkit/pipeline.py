@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import numbers
 import time
-import types
-import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -19,12 +15,22 @@ import torch
 from torch import nn
 
 from .algorithms import STEPS
-from .algorithms.base import Context, Report, options_from_dict
+from .algorithms.base import (
+    Context,
+    Report,
+    Step,
+    check_fields,
+    check_string_keys,
+    check_type,
+    options_from_dict,
+    show_value,
+)
+from .algorithms.range_init import RangeOptions
 from .calib.data import CalibrationData
 from .core.quantizer import Quantizer
 from .evaluate import float_layer_outputs, layer_sqnr
 from .nn.modules import quant_layers
-from .nn.prepare import LayerPolicy, prepare
+from .nn.prepare import LayerPolicy, PTQState, prepare
 
 __all__ = ["Recipe", "StepSpec", "PRESETS", "quantize", "layer_bits", "rebuild"]
 
@@ -32,150 +38,72 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 
 
-# ----------------------------------------------------------------------------- type checks
-# Recipe values come from YAML: a bool must be a YAML bool, a number a number (never a bool), a
-# list a list, a string a string. The expected type of a field is its dataclass annotation.
-_SCALARS: dict[Any, tuple[str, str]] = {
-    bool: ("a bool (true or false)", "bools"), int: ("an int", "ints"),
-    float: ("a number", "numbers"), str: ("a string", "strings"), type(None): ("null", "nulls")}
-
-
-def _parts(hint: Any) -> tuple[Any, tuple[Any, ...]]:
-    return typing.get_origin(hint), typing.get_args(hint)
-
-
-def _is_union(origin: Any) -> bool:
-    return origin is typing.Union or origin is types.UnionType
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """True when ``value`` (as YAML gives it) has the annotated type ``hint``."""
-    if hint is Any:
-        return True
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:
-        return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                and math.isfinite(value))
-    if hint is str or hint is type(None):
-        return isinstance(value, hint)
-    origin, args = _parts(hint)
-    if _is_union(origin):
-        return any(_matches(value, a) for a in args)
-    if origin is tuple:
-        if args == (str, ...) and isinstance(value, str):
-            return True  # a single pattern
-        if not isinstance(value, (list, tuple)):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
-    if origin in (Mapping, dict):
-        key, val = args or (Any, Any)
-        return isinstance(value, Mapping) and all(
-            _matches(k, key) and _matches(v, val) for k, v in value.items())
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _describe(hint: Any, plural: bool = False) -> str:
-    """'an int', 'a list of 2 numbers', 'a string or null', ... (plural: 'ints', ...)."""
-    if hint in _SCALARS:
-        return _SCALARS[hint][plural]
-    origin, args = _parts(hint)
-    if _is_union(origin):
-        return " or ".join(_describe(a, plural) for a in args)
-    if origin is tuple:
-        lists = "lists" if plural else "a list"
-        if len(args) == 2 and args[1] is Ellipsis:
-            text = f"{lists} of {_describe(args[0], True)}"
-            return f"{_describe(str, plural)} or {text}" if args[0] is str else text
-        if len(set(args)) == 1:
-            return f"{lists} of {len(args)} {_describe(args[0], True)}"
-        return f"{lists} of ({', '.join(_describe(a) for a in args)})"
-    if origin in (Mapping, dict):
-        key, val = args or (Any, Any)
-        text = "mappings" if plural else "a mapping"
-        if key is Any:
-            return text
-        if val is Any:
-            return f"{text} with {_describe(key)} keys"
-        return f"{text} of {_describe(key, True)} to {_describe(val, True)}"
-    return getattr(hint, "__name__", str(hint))
-
-
-def _nonfinite(value: Any) -> bool:
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return not math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return any(_nonfinite(v) for v in value)
-    if isinstance(value, Mapping):
-        return any(_nonfinite(v) for v in value.values())
-    return False
-
-
-def _show(value: Any) -> str:
-    """The given value for a one-line message: its repr (shortened) and its type."""
-    text = repr(value)
-    text = text if len(text) <= 80 else text[:77] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def _check_type(where: str, value: Any, hint: Any) -> None:
-    """Raise a one-line ValueError naming ``where`` unless ``value`` has the type ``hint``."""
-    if not _matches(value, hint):
-        note = " (numbers must be finite)" if _nonfinite(value) else ""
-        raise ValueError(f"{where}: expected {_describe(hint)}{note}, got {_show(value)}")
-
-
-def _check_string_keys(where: str, d: Mapping[Any, Any]) -> None:
-    for key in d:
-        if not isinstance(key, str):
-            raise ValueError(f"{where} {_show(key)} is not a string; write the name as text")
-
-
-def _check_fields(cls: type, where: Callable[[str], str], values: Mapping[str, Any],
-                  skip: tuple[str, ...] = ()) -> None:
-    """Check each value in ``values`` against the annotation of the field of ``cls`` it names
-    (unknown names are left to the caller)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in values and f.name not in skip:
-            _check_type(where(f.name), values[f.name], hints[f.name])
-
-
-# Options that a step passes on to another step's Options: (step, option) -> that step.
-_NESTED_OPTIONS = {("mixed_precision", "tuner_options"): "adaquant"}
-
-
 def _check_options(name: str, options: Mapping[Any, Any], where: str = "") -> None:
     """Validate options of step ``name`` against its Options dataclass: option names, the type
-    of each value (from the annotations), then the Options' own checks. Raises one-line
-    ValueErrors starting with ``where`` (default: the step)."""
+    of each value (from the annotations), then the Options' own checks (nested options too).
+    Raises one-line ValueErrors starting with ``where`` (default: the step)."""
     where = where or f"step {name!r}"
-    _check_type(f"{where} options", options, Mapping[Any, Any])
-    _check_string_keys(f"{where} option name", options)
-    _check_fields(STEPS[name].Options, lambda key: f"{where} option {key!r}", options)
+    check_type(f"{where} options", options, Mapping[Any, Any])
+    check_string_keys(f"{where} option name", options)
+    check_fields(STEPS[name].Options, lambda key: f"{where} option {key!r}", options)
     options_from_dict(STEPS[name], dict(options))
-    for (step, key), inner in _NESTED_OPTIONS.items():
-        if step == name and options.get(key):
-            _check_options(inner, options[key], f"{where} {key} ({inner})")
+
+
+def _plain(value: Any) -> Any:
+    """An option value as YAML writes it: tuples as lists, mappings as dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _step_of_options(options: Any) -> str:
+    """The registry name of the one step whose Options class ``options`` is an instance of."""
+    names = [n for n, cls in STEPS.items() if type(options) is cls.Options]
+    if len(names) != 1:
+        what = f"the Options of steps {names}" if names else "the Options of no step"
+        raise ValueError(f"{type(options).__name__} is {what}; give the step by name: "
+                         "StepSpec(name, options)")
+    return names[0]
 
 
 @dataclass(frozen=True)
 class StepSpec:
-    """A step by registry name plus its options (validated against the step's Options: names,
-    value types from its annotations, its own checks); invalid ones raise a one-line ValueError."""
+    """A step by registry name plus its options: a mapping of option names to values, or the
+    step's Options object (e.g. ``AdaQuantOptions(iters=100)``), kept as the mapping of its
+    fields that differ from the defaults. Options are validated against the step's Options
+    (names, value types from its annotations, its own checks); invalid ones raise a one-line
+    ValueError."""
 
     name: str
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_type("step name", self.name, str)
+        check_type("step name", self.name, str)
         if self.name not in STEPS:
             raise ValueError(f"unknown step {self.name!r}; expected one of {sorted(STEPS)}")
+        opts: Any = self.options
+        if dataclasses.is_dataclass(opts) and not isinstance(opts, type):
+            cls = STEPS[self.name].Options
+            if type(opts) is not cls:
+                raise ValueError(f"step {self.name!r} takes {cls.__name__}, got "
+                                 f"{type(opts).__name__}; pass that step's Options or a mapping")
+            defaults = cls()
+            object.__setattr__(self, "options", {
+                f.name: _plain(getattr(opts, f.name)) for f in dataclasses.fields(opts)
+                if getattr(opts, f.name) != getattr(defaults, f.name)})
         _check_options(self.name, self.options)
+
+    @classmethod
+    def of(cls, options: Any) -> StepSpec:
+        """The step whose Options class ``options`` is an instance of, with those options."""
+        return cls(_step_of_options(options), options)
+
+    def build(self) -> Step[Any]:
+        """The step, with its Options built from ``options``."""
+        step = STEPS[self.name]
+        return step(options_from_dict(step, dict(self.options)))
 
 
 # Presets: extra steps run after range initialisation. Later methods add their presets here.
@@ -193,6 +121,9 @@ class Recipe:
 
     Weights are per output channel and activations per tensor, both asymmetric by default; the
     first and last quantized layers stay at 8 bits unless ``first_last_8bit`` is False.
+    ``steps`` run after the range initialisation, in order; each may be given as a StepSpec, a
+    step name, a ``{name, options}`` mapping or a step's Options object (``AdaQuantOptions()``),
+    and is kept as a StepSpec.
     """
 
     w_bits: int = 8
@@ -219,13 +150,15 @@ class Recipe:
         self.range_options()  # validates range methods
         if self.calib_size is not None and self.calib_size < 1:
             raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
+        check_type("recipe key 'steps'", self.steps, tuple[Any, ...])
+        object.__setattr__(self, "steps", tuple(_step_spec(s) for s in self.steps))
 
     def policy(self) -> LayerPolicy:
         return LayerPolicy(self.w_bits, self.a_bits, self.w_symmetric, self.a_symmetric,
                            self.first_last_8bit, tuple(self.include), tuple(self.exclude),
                            dict(self.overrides))
 
-    def range_options(self) -> Any:
+    def range_options(self) -> RangeOptions:
         return options_from_dict(STEPS["ranges"], {
             "weights": self.w_range, "activations": self.a_range, "percentile": self.percentile})
 
@@ -241,16 +174,16 @@ class Recipe:
         bool a YAML bool, a number a number, a list a list, a string a string; ``include`` /
         ``exclude`` also take one string, ``steps`` / ``overrides`` also null); anything else
         raises a one-line ValueError naming the key, the expected type and the given value."""
-        _check_type("recipe", d, Mapping[Any, Any])
-        _check_string_keys("recipe key", d)
+        check_type("recipe", d, Mapping[Any, Any])
+        check_string_keys("recipe key", d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown recipe key(s) {unknown}; valid keys: {sorted(known)}")
         d = dict(d)
         if d.get("steps") is not None and not isinstance(d["steps"], (list, tuple)):
-            raise ValueError(f"recipe key 'steps': expected a list of steps, got {_show(d['steps'])}")
-        _check_fields(cls, lambda key: f"recipe key {key!r}", d,
+            raise ValueError(f"recipe key 'steps': expected a list of steps, got {show_value(d['steps'])}")
+        check_fields(cls, lambda key: f"recipe key {key!r}", d,
                       skip=("steps",) + tuple(k for k in ("overrides",) if d.get(k) is None))
         for key in ("include", "exclude"):
             if key in d:
@@ -278,18 +211,22 @@ class Recipe:
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
         d["overrides"] = {k: list(v) for k, v in self.overrides.items()}
-        d["steps"] = [{"name": s.name, "options": dict(s.options)} for s in self.steps]
+        d["steps"] = [{"name": s.name, "options": _plain(s.options)} for s in self.steps]
         return d
 
-    def with_steps(self, *steps: StepSpec | str) -> Recipe:
+    def with_steps(self, *steps: Any) -> Recipe:
+        """The recipe with ``steps`` appended: StepSpecs, step names, ``{name, options}``
+        mappings or steps' Options objects."""
         return dataclasses.replace(self, steps=self.steps + tuple(_step_spec(s) for s in steps))
 
 
 def _step_spec(s: Any) -> StepSpec:
-    """A StepSpec from a step name or a ``{name: ..., options: {...}}`` mapping (options may be
-    null or left out)."""
+    """A StepSpec from a step name, a ``{name: ..., options: {...}}`` mapping (options may be
+    null or left out) or a step's Options object."""
     if isinstance(s, StepSpec):
         return s
+    if dataclasses.is_dataclass(s) and not isinstance(s, type):
+        return StepSpec.of(s)
     if isinstance(s, str):
         return StepSpec(s)
     if isinstance(s, Mapping) and "name" in s:
@@ -299,7 +236,7 @@ def _step_spec(s: Any) -> StepSpec:
                              "'name' and 'options'")
         options = s.get("options")
         return StepSpec(s["name"], {} if options is None else options)
-    raise ValueError("a step must be a name or {name: ..., options: {...}}, got " + _show(s))
+    raise ValueError("a step must be a name or {name: ..., options: {...}}, got " + show_value(s))
 
 
 def _as_calib(calib: Any, recipe: Recipe) -> CalibrationData:
@@ -323,19 +260,19 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
     torch.manual_seed(recipe.seed)
     t0 = time.perf_counter()
     qmodel = prepare(model, recipe.policy(), lambda m: data.forward(m, data.batches[0]))
-    report = Report(recipe=recipe.to_dict(), stays_float=list(qmodel.ptq.stays_float))
-    if qmodel.ptq.bn_unfolded_reason:
-        report.notes.append("BatchNorm left unfolded: " + qmodel.ptq.bn_unfolded_reason)
+    state: PTQState = qmodel.ptq  # type: ignore[assignment]
+    report = Report(recipe=recipe.to_dict(), stays_float=list(state.stays_float))
+    if state.bn_unfolded_reason:
+        report.notes.append("BatchNorm left unfolded: " + state.bn_unfolded_reason)
     report.notes.append("float: residual adds, pooling, activations, normalisation, softmax; "
                         "biases 32-bit")
     for name, layer in quant_layers(qmodel).items():
         report.layer(name).update(type=type(layer).__name__, w_bits=layer.w_bits,
                                   a_bits=layer.a_bits, bn_folded=layer.folded_bn is not None)
-    ctx = Context(qmodel, data, report, recipe.seed)
+    ctx = Context(qmodel, data, report, recipe.seed, recipe=recipe)
     ctx.snapshot_float()
     reference = float_layer_outputs(qmodel, data)  # before any step adapts the float weights
-    steps = [STEPS["ranges"](recipe.range_options())]
-    steps += [STEPS[s.name](options_from_dict(STEPS[s.name], dict(s.options))) for s in recipe.steps]
+    steps = [STEPS["ranges"](recipe.range_options()), *(s.build() for s in recipe.steps)]
     for step in steps:
         t = time.perf_counter()
         summary = step.run(ctx)
@@ -377,7 +314,8 @@ class LowCoverageWarning(UserWarning):
 
 
 def _coverage(qmodel: nn.Module, warn: bool) -> dict[str, Any]:
-    cov = qmodel.ptq.coverage(qmodel)
+    state: PTQState = qmodel.ptq  # type: ignore[assignment]
+    cov = state.coverage(qmodel)
     if warn and cov.fraction < LOW_COVERAGE:
         warnings.warn(f"only {cov.describe()}; quantize those layers (include/exclude, "
                       "supported types) or they run in float", LowCoverageWarning, stacklevel=3)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import bench
 from .algorithms import STEPS
-from .algorithms.base import Context, Report, options_from_dict
+from .algorithms.base import Cache, Context, Report, options_from_dict
 from .algorithms.ip import Budget, InfeasibleBudgetError, SensitivityTable, Solution
 from .algorithms.mixed_precision import (
     TUNERS,
@@ -212,8 +212,8 @@ def _post_steps(model: nn.Module, planner: Planner, steps: Sequence[str], loss: 
     for name in steps:
         before = copy.deepcopy(model) if cfg.post_guard else None
         ctx = Context(model, planner.calib, Report(), cfg.seed,
-                      {"float_outputs": planner.float_out,
-                       "float_weights": float_weights(planner.model)})  # the unstitched base
+                      Cache(float_outputs=planner.float_out,
+                            float_weights=float_weights(planner.model)))  # the unstitched base
         t0 = time.perf_counter()
         summary = STEPS[name](options_from_dict(STEPS[name], {})).run(ctx)
         summary["seconds"] = time.perf_counter() - t0

@@ -374,3 +374,20 @@ def test_start_best_keeps_the_ranges_an_earlier_step_set(tiny: nn.Module, tiny_d
     plain = quantize(tiny, tiny_data, recipe.with_steps(StepSpec("bias_correction")))
     for k, v in _states(plain).items():  # bias correction's quantizer state survives
         assert torch.equal(_states(q)[k], v), k
+
+
+def test_steps_declare_effects_and_start_best_reads_them() -> None:
+    from ptqkit.algorithms import STEPS
+    from ptqkit.algorithms.base import EFFECTS, Step, register_step
+
+    assert all(cls.effects <= EFFECTS for cls in STEPS.values())
+    keeps = {n for n, cls in STEPS.items() if not cls.effects - aq.START_KEEPS}
+    assert {"ranges", "embeddings"} <= keeps and not {"bias_correction", "lapq", "adaquant"} & keeps
+
+    class Odd(Step[object]):
+        name = "odd"
+        effects = frozenset({"paints_weights"})
+
+    with pytest.raises(ValueError, match=r"unknown effect\(s\) \['paints_weights'\]"):
+        register_step(Odd)
+    assert "odd" not in STEPS

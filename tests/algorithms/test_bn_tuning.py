@@ -191,3 +191,20 @@ def _kl(q: nn.Module, folded_float: nn.Module, x: torch.Tensor) -> float:
 def test_unknown_target_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="target must be one of best, float, bn"):
         BNTuningOptions(target="running")
+
+
+def test_context_cache_is_typed_and_keeps_the_undo_handle(tiny: nn.Module,
+                                                          tiny_data: torch.Tensor) -> None:
+    from ptqkit.algorithms.base import Cache, Context, Report
+    from ptqkit.algorithms.bn_tuning import BNTuning, BNTuningHandle
+
+    q = quantize(tiny, tiny_data, Recipe(w_bits=3, a_bits=3))
+    data = CalibrationData(tiny_data, batch_size=16)
+    outs = [torch.zeros(2, 3)]
+    ctx = Context(q, data, Report(), 0, {"float_outputs": outs})  # a mapping of Cache's fields
+    assert isinstance(ctx.cache, Cache) and ctx.float_outputs() is outs
+    with pytest.raises(ValueError, match=r"unknown cache key\(s\) \['float_logits'\]"):
+        Context(q, data, Report(), 0, {"float_logits": outs})
+    ctx = Context(q, data, Report())
+    BNTuning(BNTuningOptions(target="bn", guard=False)).run(ctx)
+    assert isinstance(ctx.cache.bn_tuning_undo, BNTuningHandle)

@@ -84,7 +84,7 @@ from ..core.primitives import EPS, fake_quantize
 from ..core.quantizer import Quantizer
 from ..nn.control import quantizers_disabled
 from ..nn.modules import QuantLinear, QuantModule
-from .base import Context, Step, all_zero, calibration_kl, register_step
+from .base import STEPS, Context, Step, all_zero, calibration_kl, register_step
 from .range_init import choose_start_ranges
 
 __all__ = ["AdaQuantOptions", "LayerStats", "adaquant_layer", "layer_mse", "capture_layer_input",
@@ -96,10 +96,11 @@ Pair = tuple[torch.Tensor, ...]  # (x_in, y_target)
 TARGETS = ("float_model", "float_layer")
 HOLDOUTS = ("auto", "always", "never")
 STARTS = ("best", "given")
-# Steps after which the layers' quantizer ranges are still the "ranges" step's own. After any other
-# step (bias correction, bit allocation, LAPQ, ...) they carry that step's work, which candidate
-# ranges set from scratch would throw away, so start="best" then keeps the given ranges.
-RANGE_PRESERVING_STEPS = ("ranges", "embeddings")
+# Effects after which the layers' quantizer ranges are still the range initialisation's own. After
+# a step with any other effect (bias correction, bit allocation, LAPQ, ...) they carry that step's
+# work, which candidate ranges set from scratch would throw away, so start="best" then keeps the
+# given ranges.
+START_KEEPS = frozenset({"initialises_ranges", "quantizes_embeddings"})
 MIN_HOLDOUT_SAMPLES = 4  # fewer samples: hold out output positions instead
 MIN_HOLDOUT_POSITIONS = 64  # fewer positions per sample too: nothing to validate on, layer kept
 
@@ -601,16 +602,18 @@ def _float_reference(qmodel: nn.Module) -> Iterator[nn.Module]:
 
 
 @register_step
-class AdaQuant(Step):
+class AdaQuant(Step[AdaQuantOptions]):
     """Runs AdaQuant layer by layer in execution order (sequential or parallel mode)."""
 
     name = "adaquant"
     Options = AdaQuantOptions
+    effects = frozenset({"tunes_ranges", "changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         opts: AdaQuantOptions = self.options
         ctx.float_outputs()  # later steps need the float logits of the unchanged weights
-        earlier = [s["step"] for s in ctx.report.steps if s["step"] not in RANGE_PRESERVING_STEPS]
+        earlier = [s["step"] for s in ctx.report.steps
+                   if s["step"] not in STEPS or STEPS[s["step"]].effects - START_KEEPS]
         if opts.start == "given":
             start: dict[str, Any] = {"start": "given"}
         elif earlier:

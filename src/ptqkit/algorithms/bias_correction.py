@@ -358,11 +358,12 @@ def _undo_handle(layers: dict[str, QuantModule]) -> Callable[[], None]:
 
 
 @register_step
-class BiasCorrection(Step):
+class BiasCorrection(Step[BiasCorrectionOptions]):
     """Banner's per-channel weight bias correction and/or empirical bias correction."""
 
     name = "bias_correction"
     Options = BiasCorrectionOptions
+    effects = frozenset({"tunes_ranges", "changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         ctx.float_outputs()  # cache the float reference before weights are rescaled

@@ -110,11 +110,12 @@ def tune_biases(model: nn.Module, calib: CalibrationData, teacher: Sequence[torc
 
 
 @register_step
-class BiasTuning(Step):
+class BiasTuning(Step[BiasTuningOptions]):
     """Bias tuning by KL distillation from the float model (teacher logits from ``ctx``)."""
 
     name = "bias_tuning"
     Options = BiasTuningOptions
+    effects = frozenset({"changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         teacher = ctx.float_outputs()

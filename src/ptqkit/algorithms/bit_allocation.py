@@ -116,15 +116,16 @@ def allocate_layer(layer: QuantModule, budget: float, method: str,
 
 
 @register_step
-class BitAllocation(Step):
+class BitAllocation(Step[BitAllocationOptions]):
     """Banner's per-channel bit allocation of every quantized layer's weights."""
 
     name = "bit_allocation"
     Options = BitAllocationOptions
+    effects = frozenset({"tunes_ranges", "changes_bits"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         opts: BitAllocationOptions = self.options
-        method = opts.range_method or str(ctx.report.recipe.get("w_range", "mse"))
+        method = opts.range_method or (ctx.recipe.w_range if ctx.recipe else "mse")
         done = {}
         for name, layer in ctx.layers().items():
             budget = opts.budget if opts.budget is not None else float(layer.w_bits)

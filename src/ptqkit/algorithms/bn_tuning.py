@@ -244,12 +244,13 @@ class BNTuningOptions:
 
 
 @register_step
-class BNTuning(Step):
+class BNTuning(Step[BNTuningOptions]):
     """Re-estimates folded BN statistics on the quantized model; the undo handle is kept in
-    ``ctx.cache['bn_tuning_undo']``."""
+    ``ctx.cache.bn_tuning_undo``."""
 
     name = "bn_tuning"
     Options = BNTuningOptions
+    effects = frozenset({"changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         o: BNTuningOptions = self.options
@@ -276,7 +277,7 @@ class BNTuning(Step):
         if not kept:
             log.info("BN tuning raised the calibration KL %.5f -> %.5f; undone", before, after)
             handle.undo()
-        ctx.cache["bn_tuning_undo"] = handle
+        ctx.cache.bn_tuning_undo = handle
         for name in tuned:
             ctx.report.layer(name)["bn_tuned"] = kept
         return {"layers": len(tuned), "target": choice, "kl_before": before,

@@ -40,9 +40,10 @@ class EmbeddingOptions:
 
 
 @register_step
-class EmbeddingQuant(Step):
+class EmbeddingQuant(Step[EmbeddingOptions]):
     name = "embeddings"
     Options = EmbeddingOptions
+    effects = frozenset({"quantizes_embeddings"})
 
     @torch.no_grad()
     def run(self, ctx: Context) -> dict[str, Any]:

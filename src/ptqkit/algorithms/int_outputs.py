@@ -382,7 +382,7 @@ class IntOutputs(Step):
             log.warning("int_outputs: %s; residual adds and conv outputs stay float", exc)
             ctx.report.notes.append(f"int_outputs skipped: {exc}")
             sites, skipped = [], []
-        method = self.options.range or ctx.report.recipe.get("a_range", "mse")
+        method = self.options.range or (ctx.recipe.a_range if ctx.recipe else "mse")
         how = attach_output_quantizers(ctx, sites, method, self.options.bits,
                                        self.options.max_samples)
         if self.options.snap_bias:  # after attaching: that may unify consumers' input scales

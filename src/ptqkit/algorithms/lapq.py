@@ -359,11 +359,12 @@ def _report_layers(ctx: Context, start: str, mult: dict[str, float]) -> None:
 
 
 @register_step
-class LAPQ(Step):
+class LAPQ(Step[LAPQOptions]):
     """Loss-aware clipping: Lp initialisation with a p search, then joint Powell on the loss."""
 
     name = "lapq"
     Options = LAPQOptions
+    effects = frozenset({"tunes_ranges"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         opts: LAPQOptions = self.options

@@ -25,7 +25,7 @@ from torch import nn
 from ..calib.data import CalibrationData, batch_size_of
 from ..nn.modules import QuantModule, quant_layers
 from ..ranges import get_range_method
-from .base import Context, Step, register_step
+from .base import Context, Step, build_options, register_step
 from .ip import (
     SOLVERS,
     Budget,
@@ -133,6 +133,11 @@ class MixedPrecisionOptions:
             raise ValueError(f"gain must be 'compression' or 'bops', got {self.gain!r}")
         if self.loss not in ("auto", "kl", "ce"):
             raise ValueError(f"loss must be 'auto', 'kl' or 'ce', got {self.loss!r}")
+        if self.tuner_options:  # checked now, not when the tuner first runs
+            from .adaquant import AdaQuantOptions
+
+            build_options(AdaQuantOptions, self.tuner_options,
+                          "step 'mixed_precision' tuner_options (adaquant)")
         if self.tuner not in TUNERS:
             raise ValueError(f"unknown tuner {self.tuner!r}; expected one of {sorted(TUNERS)}")
         if self.alternatives < 1:
@@ -558,19 +563,21 @@ def _context_deltas(planner: Planner, model: nn.Module, choice: list[int],
 
 # ----------------------------------------------------------------------------- the step
 @register_step
-class MixedPrecision(Step):
+class MixedPrecision(Step[MixedPrecisionOptions]):
     """Sensitivity table, bit allocation, stitching; reports expected vs measured degradation."""
 
     name = "mixed_precision"
     Options = MixedPrecisionOptions
+    effects = frozenset({"tunes_ranges", "changes_weights", "changes_bits"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         o: MixedPrecisionOptions = self.options
         t0 = time.perf_counter()
-        recipe = ctx.report.recipe
-        pin = recipe.get("first_last_8bit", True) if o.pin_first_last is None else o.pin_first_last
+        r = ctx.recipe
+        pin = (r.first_last_8bit if r else True) if o.pin_first_last is None else o.pin_first_last
+        ranges = {"w_range": r.w_range, "a_range": r.a_range, "percentile": r.percentile} if r else {}
         planner = Planner(ctx.qmodel, ctx.calib, ctx.float_outputs(), o.loss,
-                          TUNERS[o.tuner](recipe, ctx.seed, o.tuner_options))
+                          TUNERS[o.tuner](ranges, ctx.seed, o.tuner_options))
         options, allowed = allowed_options(list(ctx.layers()), o, bool(pin))
         if o.load_table:
             planner.use_table(SensitivityTable.load(o.load_table))

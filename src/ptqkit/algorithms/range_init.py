@@ -142,9 +142,10 @@ def choose_start_ranges(ctx: Context, loss: Callable[[], float],
 
 
 @register_step
-class RangeInit(Step):
+class RangeInit(Step[RangeOptions]):
     name = "ranges"
     Options = RangeOptions
+    effects = frozenset({"initialises_ranges"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
         init_weight_ranges(ctx, self.options)

@@ -101,11 +101,14 @@ class CalibrationData:
     naming the batch and the sample.
     """
 
+    forward_fn: Callable[[nn.Module, Batch], torch.Tensor]
+
     def __init__(self, source: Iterable[Batch] | torch.Tensor, limit: int | None = None,
                  forward_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
                  batch_size: int = 100) -> None:
         if isinstance(source, CalibrationData):
-            source, forward_fn = source.batches, forward_fn or source.forward_fn
+            forward_fn = forward_fn or source.forward_fn
+            source = source.batches
         if isinstance(source, torch.Tensor):
             source = list(source.split(batch_size))
         self.forward_fn = forward_fn or default_forward
