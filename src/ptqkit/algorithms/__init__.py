@@ -7,6 +7,7 @@ from . import (  # noqa: F401
     bias_correction,
     bias_tuning,
     bit_allocation,
+    block_reconstruction,
     bn_tuning,
     embeddings,
     int_outputs,
