@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.test_cli import MODEL_PY, user_model  # noqa: F401  (fixture)
 from torch import nn
 
 import ptqkit.cli
 from ptqkit import Recipe, quantize
 from ptqkit.cli import main
 from ptqkit.runs import ModelSource, load_run, save_run
-from tests.test_cli import MODEL_PY, user_model  # noqa: F401  (fixture)
 
 RUN_FILES = {"run.json", "recipe.yaml", "report.json", "quantized.pt", "example.pt"}
 

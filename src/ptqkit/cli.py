@@ -244,7 +244,7 @@ def _stage_report(folder: Path, source: ModelSource, recipe: Recipe, qmodel: tor
     from .report import layer_facts, run_report
 
     try:
-        text = run_report(source.spec, qmodel.report.to_dict(),  # type: ignore[operator]
+        text = run_report(source.spec, qmodel.report.to_dict(),  # type: ignore[operator, union-attr]
                           yaml.safe_dump(recipe.to_dict(), sort_keys=False),
                           layer_facts(qmodel, example[:1]))
         (folder / REPORT_HTML).write_text(text, encoding="utf-8")
