@@ -259,8 +259,7 @@ def _joins(prev: Block, span: Block, alone: set[str], max_layers: int) -> bool:
     module (one unit of the model's own code) and the result has at most ``max_layers``."""
     layers = prev.layers + span.layers
     return (len(span.layers) == 1 and len(layers) <= max_layers and not alone & set(layers)
-            and len({_parent(n) for n in layers}) == 1 and prev.stop == span.start
-            and prev.spans == len(prev.layers))
+            and len({_parent(n) for n in layers}) == 1 and prev.spans == len(prev.layers))
 
 
 # ----------------------------------------------------------------------------- the learned block

@@ -145,7 +145,7 @@ def interleaved_latency_ms(paths: dict[str, Path], sample: torch.Tensor,
                            spec: LatencySpec) -> dict[str, dict[str, float]]:
     """{tag: {latency_b<B>_ms: median}} with the models timed round-robin: every repeat runs each
     model once per batch size (the order rotating from repeat to repeat, so no model always runs
-    right after the same other one), so load changes on a busy machine hit all models alike.
+    right after the same other one), so a change in machine load affects all models alike.
     ``warmup`` runs per model and batch size are discarded first."""
     runners = {tag: ort_load(p, spec.threads) for tag, p in paths.items()}
     feeds = {b: {"input": sample[:b].numpy()} for b in spec.batches}
