@@ -85,3 +85,74 @@ def test_ort_histogram_calibration_is_fed_one_batch_per_call(tmp_path, monkeypat
     got = ort_predict(out, x)
     assert got.shape == ref.shape
     assert torch.corrcoef(torch.stack([got.flatten(), ref.flatten()]))[0, 1] > 0.99
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv1(x))
+        y = y + torch.relu(self.conv2(y))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def _suite():  # type: ignore[no-untyped-def]
+    from ptqkit.bench import Suite
+    from ptqkit.calib.data import CalibrationData
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 3, 8, 8, generator=g), torch.randint(0, 10, (40,), generator=g)
+    return Suite("tiny", _Net().eval(), x, y, lambda n, seed: CalibrationData(x[:n].split(8)))
+
+
+VNNI = {"model": "Test CPU", "x86": True, "vnni": ["avx512_vnni"]}
+NO_VNNI = {"model": "Old CPU", "x86": True, "vnni": []}
+
+
+def test_deploy_recipe_is_the_default_recipe_plus_int_outputs_where_vnni():
+    from ptqkit.bench import BenchConfig
+    from ptqkit.export.deploy_bench import deploy_recipe
+    from ptqkit.pipeline import Recipe
+
+    cfg = BenchConfig(w_bits=8, a_bits=8, calib_size=16)
+    r = deploy_recipe(_suite(), cfg, cpu=VNNI)
+    default = Recipe()
+    assert (r.w_bits, r.a_bits, r.w_symmetric, r.w_range, r.a_range, r.first_last_8bit) == (
+        8, 8, default.w_symmetric, "mse", "mse", True)
+    assert [s.name for s in r.steps] == ["int_outputs"] and not r.overrides
+    old = deploy_recipe(_suite(), cfg, cpu=NO_VNNI)  # saturating int16 pair sums: 7-bit weights
+    assert (old.w_bits, old.w_symmetric, old.first_last_8bit) == (7, True, False)
+    assert old.overrides == {"conv1": (7, 8), "fc": (7, 8)}
+    assert deploy_recipe(_suite(), BenchConfig(w_bits=4, a_bits=8), cpu=NO_VNNI).w_bits == 4
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_deploy_row_reports_cpu_closeness_to_float_and_b1_b32(monkeypatch, w_bits):
+    import ptqkit.export.deploy_bench as db
+    from ptqkit.bench import BenchConfig
+
+    monkeypatch.setattr(db, "cpu_info", lambda: VNNI)
+    suite, cfg = _suite(), BenchConfig(w_bits=w_bits, a_bits=8, calib_size=16)
+    spec = LatencySpec(threads=1, batches=(1, 32), warmup=0, repeats=1)
+    row = db.deploy_row(suite, cfg, db.deploy_recipe(suite, cfg, cpu=VNNI), spec)
+    assert row["cpu"] == {"model": "Test CPU", "vnni": ["avx512_vnni"]} and row["reduce_range"] is False
+    for tag in ("ours", "ort", "sim"):
+        assert 0 <= row[f"{tag}_vs_float_agreement"] <= 100 and row[f"{tag}_vs_float_kl"] >= 0
+    assert row["agreement"] == row["ours_vs_float_agreement"] and row["kl"] == row["ours_vs_float_kl"]
+    assert row["ours_vs_float_agreement"] > 50 and row["ort_vs_float_agreement"] > 50
+    for tag in ("float", "ort", "ours"):
+        assert row[f"{tag}_latency_b1_ms"] > 0 and row[f"{tag}_latency_b32_ms"] > 0
+    assert row["float_layers"] == [] and row["ours_kernels"]["float_kernels"] == 0
+    # inner layers at w_bits in int8 containers (4-bit values at W4), first / last at 8 bits
+    assert row["weight_containers"] == ({"int8 (8-bit)": 3} if w_bits == 8
+                                        else {"int8 (4-bit)": 1, "int8 (8-bit)": 2})
+    assert 0 < row["packed_bytes"] and "packed_over_float" in row
+    table = db.deploy_markdown([{"suite": "tiny", "w_bits": w_bits, "a_bits": 8, **row}])
+    assert "b32 ms" in table and "Test CPU (avx512_vnni)" in table
+    assert len(table.splitlines()) == 5 and table.count("ptqkit") == 1
+    ours = table.splitlines()[-1].split("|")
+    assert ours[10].strip() == f"{row['packed_bytes'] / 1024:.0f}"  # packed KB beside the ONNX KB

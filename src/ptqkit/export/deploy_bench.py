@@ -1,5 +1,6 @@
-"""Deployment benchmark: ONNX Runtime latency and file size of float / ptqkit / ORT-int8 models,
-and ONNX Runtime's own static quantization as a peer method (``ort-minmax`` ...).
+"""Deployment benchmark: ONNX Runtime latency, file size and closeness to float of float /
+ptqkit / ORT-int8 models (``ptqkit bench --deploy``), and ONNX Runtime's own static quantization
+as a peer method (``ort-minmax`` ...).
 
 Latency protocol: CPU execution provider, ``threads`` intra-op threads, all graph optimisations;
 per model and batch size ``warmup`` runs are discarded; then the models (float / ORT int8 / ours)
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..calib.data import CalibrationData
-from .onnx import export_onnx, optimized_op_counts, ort_load
+from .onnx import cpu_info, export_onnx, optimized_op_counts, ort_load
 
 __all__ = ["LatencySpec", "export_float", "ort_quantize", "ort_predict", "latency_ms",
            "interleaved_latency_ms", "ORT_CALIBRATORS", "ort_peer_row", "deploy_row",
@@ -40,7 +41,7 @@ INT_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulIn
 @dataclass(frozen=True)
 class LatencySpec:
     threads: int = 2
-    batches: tuple[int, ...] = (1, 64)
+    batches: tuple[int, ...] = (1, 32)
     warmup: int = 5
     repeats: int = 30
 
@@ -231,15 +232,23 @@ def _sizes_and_latency(paths: dict[str, Path], sample: torch.Tensor,
 
 def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = None,
                workdir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Parity, latency and file size of float / ptqkit / ORT-int8 ONNX models of one suite.
+    """Parity, closeness to float, latency and file size of float / ptqkit / ORT-int8 ONNX models
+    of one suite.
 
     ``recipe`` quantizes the ptqkit model (exported with :func:`export_onnx`); ORT's int8 model
-    is quantize_static with MinMax calibration on the same calibration images.
+    is quantize_static with MinMax calibration on the same calibration images. On the suite's
+    test inputs, both integer models run in ONNX Runtime and are compared with the float model
+    (``ours_vs_float_*``, ``ort_vs_float_*``: top-1 agreement in percent, mean KL(float ||
+    model) of the softmax; ``agreement`` / ``kl`` are ours), and ours with the simulated model
+    (``onnx_vs_sim_agreement``). Latencies are interleaved medians (``spec``); the row also
+    names the CPU and its VNNI flags, the export notes, ONNX file sizes and the packed
+    checkpoint's size (sub-8-bit weights are stored packed there, in int8 containers in ONNX).
     """
     from ..pipeline import quantize
 
     spec = spec or LatencySpec()
     calib = suite.calib(cfg.calib_size, cfg.seed)
+    cpu = cpu_info()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(workdir or tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -249,33 +258,94 @@ def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = Non
         info = export_onnx(qmodel, out / "ptqkit.onnx", _example(suite, 1))
         paths["ours"] = info.path
         sizes = checkpoint_sizes(suite.float_model, qmodel, out)
-        row = {"fp32_top1": suite.fp32_top1, **parity(qmodel, info.path, suite.x_test, suite.y_test),
-               "method": "deploy (mse, sym W<=7, int_outputs)",
-               "export_notes": info.notes, **sizes,
+        quality = _quality(suite, qmodel, paths, spec.threads)
+        row = {"fp32_top1": suite.fp32_top1, **quality,
+               "method": "deploy (" + _recipe_label(recipe) + ")",
+               "cpu": {"model": cpu["model"], "vnni": cpu["vnni"]},
+               "reduce_range": _reduce_range(cpu),
+               "export_notes": info.notes, "float_layers": info.float_layers,
+               "weight_containers": _containers(info.layers), **sizes,
                **_sizes_and_latency(paths, _example(suite, max(spec.batches)), spec),
-               "latency": {"threads": spec.threads, "warmup": spec.warmup, "repeats": spec.repeats},
+               "latency": {"threads": spec.threads, "warmup": spec.warmup, "repeats": spec.repeats,
+                           "batches": list(spec.batches)},
                "recipe": recipe.to_dict()}
     return row
 
 
-def deploy_recipe(suite: Any, cfg: Any) -> Any:
-    """The recipe of the deployed ptqkit model for ``cfg`` (mse ranges, then int_outputs).
+def _containers(layers: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """How many layers store their weights in each ONNX container, e.g. {"int8 (4-bit)": 48}."""
+    out: dict[str, int] = {}
+    for v in layers.values():
+        key = f"{v['w_type']} ({v['w_bits']}-bit)" if v["w_type"] != "float" else "float"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
 
-    Weights are symmetric and at most 7 bits (ONNX Runtime's ``reduce_range``): its U8S8 kernels
-    on x86 CPUs without VNNI add pairs of u8 x s8 products in saturating int16, which full-range
-    int8 weights overflow (measured: 99.2% agreement with the simulated model at W8 vs 99.95% at
-    W7). With ``first_last_8bit`` the first and last layers keep 8-bit inputs and 7-bit weights.
+
+def _recipe_label(recipe: Any) -> str:
+    sym = {True: "sym", False: "asym", None: "auto-sym"}.get(recipe.w_symmetric, "sym")
+    steps = "+".join(s.name for s in recipe.steps) or "no steps"
+    return f"{recipe.w_range}, {sym} W{recipe.w_bits}, {steps}"
+
+
+def _vs_float(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement (percent) and mean KL(softmax(ref) || softmax(out)) of logits (N, K)."""
+    from ..calib.loss import calibration_loss
+
+    return {"agreement": 100.0 * float((out.argmax(1) == ref.argmax(1)).float().mean()),
+            "kl": calibration_loss([ref], [out])}
+
+
+def _quality(suite: Any, qmodel: nn.Module, paths: dict[str, Path], threads: int) -> dict[str, Any]:
+    """Simulated vs ONNX Runtime (ours) and both integer models vs the float model."""
+    from ..evaluate import predict, top1, top5_agreement
+
+    x, y = suite.x_test, suite.y_test
+    ref = suite.float_logits()
+    sim = predict(qmodel, x)
+    ours, ort_ = (ort_predict(paths[t], x, threads=threads) for t in ("ours", "ort"))
+    row: dict[str, Any] = {
+        "onnx_vs_sim_agreement": 100.0 * float((sim.argmax(1) == ours.argmax(1)).float().mean()),
+        "n_eval": len(x)}
+    for tag, logits in (("sim", sim), ("ours", ours), ("ort", ort_)):
+        row.update({f"{tag}_vs_float_{k}": v for k, v in _vs_float(ref, logits).items()})
+    row["agreement"], row["kl"] = row["ours_vs_float_agreement"], row["ours_vs_float_kl"]
+    if ours.dim() == 2 and ours.shape[1] > 5:
+        row["top5_agreement"] = top5_agreement(ref, ours)
+    if y is not None:
+        row.update({"sim_top1": top1(sim, y), "onnx_top1": top1(ours, y), "quant_top1": top1(ours, y),
+                    "ort_top1": top1(ort_, y), "parity_delta": top1(ours, y) - top1(sim, y),
+                    "delta": top1(ours, y) - top1(ref, y)})
+    return row
+
+
+def _reduce_range(cpu: dict[str, Any]) -> bool:
+    """7-bit weights for ONNX Runtime: on x86 CPUs without VNNI (saturating int16 pair sums)."""
+    return bool(cpu["x86"] and not cpu["vnni"])
+
+
+def deploy_recipe(suite: Any, cfg: Any, cpu: dict[str, Any] | None = None) -> Any:
+    """The recipe of the deployed ptqkit model for ``cfg``: the default recipe (mse ranges,
+    automatic weight symmetry) at the row's bits, first/last policy and seed, then the
+    int_outputs step, so that ONNX Runtime runs every layer, residual add and pooling in integer
+    kernels.
+
+    On x86 CPUs without VNNI (``cpu``, default this machine's :func:`cpu_info`) weights are
+    symmetric and at most 7 bits (ONNX Runtime's ``reduce_range``): the U8S8 kernels there add
+    pairs of u8 x s8 products in saturating int16, which full-range int8 weights overflow; with
+    ``first_last_8bit`` the first and last layers then keep 8-bit inputs and 7-bit weights.
     """
+    cpu = cpu if cpu is not None else cpu_info()
+    if not _reduce_range(cpu):
+        return cfg.recipe().with_steps("int_outputs")
     from ..nn.prepare import LayerPolicy, prepare
     from ..pipeline import Recipe
 
     calib = suite.calib(cfg.calib_size, cfg.seed)
     prepared = prepare(suite.float_model, LayerPolicy(), lambda m: calib.forward(m, calib.batches[0]))
     order: list[str] = list(prepared.ptq.layer_order)  # type: ignore[union-attr, arg-type]
-    w = min(cfg.w_bits, 7)
     overrides = {order[0]: (7, 8), order[-1]: (7, 8)} if cfg.first_last_8bit else {}
-    return Recipe(w_bits=w, a_bits=cfg.a_bits, w_symmetric=True, first_last_8bit=False,
-                  overrides=overrides, seed=cfg.seed).with_steps("int_outputs")
+    return Recipe(w_bits=min(cfg.w_bits, 7), a_bits=cfg.a_bits, w_symmetric=True,
+                  first_last_8bit=False, overrides=overrides, seed=cfg.seed).with_steps("int_outputs")
 
 
 def checkpoint_sizes(float_model: nn.Module, qmodel: nn.Module, out: Path) -> dict[str, Any]:
@@ -302,18 +372,29 @@ def parity(qmodel: nn.Module, onnx_path: str | os.PathLike[str], x: torch.Tensor
             "onnx_vs_sim_agreement": 100.0 * float((sim.argmax(1) == ort_.argmax(1)).float().mean())}
 
 
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def deploy_markdown(rows: list[dict[str, Any]]) -> str:
-    """Latency / size / parity summary of deploy rows (ms, median; sizes in KB)."""
-    head = ("| suite | W/A | fp32 | sim top1 | onnx top1 | agree % | model | b1 ms | b64 ms | "
-            "KB | int kernels |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    """Latency / size / closeness summary of deploy rows: one line per model (float ONNX, ORT's
+    own int8, ptqkit's export), ms medians at batch 1 and 32, ONNX size in KB (ptqkit's line
+    also the packed checkpoint), agreement / KL with the float model, integer kernels."""
+    head = ("| suite | W/A | CPU (VNNI) | model | agree vs float % | KL | b1 ms | b32 ms | "
+            "KB | packed KB | int kernels |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         if "ours_bytes" not in r:
             continue
-        for tag in ("float", "ort", "ours"):
+        cpu = r.get("cpu", {})
+        where = f"{cpu.get('model', '?')} ({', '.join(cpu.get('vnni', [])) or 'no VNNI'})"
+        for tag, name in (("float", "float ONNX"), ("ort", "ORT int8"), ("ours", "ptqkit")):
+            agree, kl = ((100.0, 0.0) if tag == "float"
+                         else (r.get(f"{tag}_vs_float_agreement"), r.get(f"{tag}_vs_float_kl")))
+            packed = _fmt(r["packed_bytes"] / 1024, ".0f") if tag == "ours" and "packed_bytes" in r else "-"
             lines.append(
-                f"| {r['suite']} | W{r['w_bits']}A{r['a_bits']} | {r['fp32_top1']:.2f} | "
-                f"{r['sim_top1']:.2f} | {r['onnx_top1']:.2f} | {r['onnx_vs_sim_agreement']:.2f} | "
-                f"{tag} | {r[f'{tag}_latency_b1_ms']:.2f} | {r[f'{tag}_latency_b64_ms']:.1f} | "
-                f"{r[f'{tag}_bytes'] / 1024:.0f} | {r[f'{tag}_kernels']['int_kernels']} |")
+                f"| {r['suite']} | W{r['w_bits']}A{r['a_bits']} | {where} | {name} | "
+                f"{_fmt(agree)} | {_fmt(kl, '.4f')} | {_fmt(r.get(f'{tag}_latency_b1_ms'))} | "
+                f"{_fmt(r.get(f'{tag}_latency_b32_ms'), '.1f')} | {r[f'{tag}_bytes'] / 1024:.0f} | "
+                f"{packed} | {r[f'{tag}_kernels']['int_kernels']} |")
     return "\n".join(lines)

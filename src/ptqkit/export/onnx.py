@@ -25,6 +25,12 @@ come from DQ nodes and whose output goes into one Q is fused by ONNX Runtime int
 kernel (QLinearConv, QGemm, QLinearAdd, QLinearGlobalAveragePool); ops left in float in the
 simulated model (e.g. an add the int_outputs step could not quantize) run as float kernels on
 exactly dequantized integers.
+
+:func:`export_onnx` names, in ``ExportInfo.notes`` and a log warning, the layers ONNX Runtime
+cannot run on its fast integer kernels and what to change: asymmetric 8-bit weights (uint8,
+slow path: use symmetric weights), layers left in float after ONNX Runtime's fusions (output not
+quantized: run int_outputs), and on x86 CPUs without VNNI int8 weights beyond +-64 (the U8S8
+kernels' saturating int16 pair sums: use 7-bit symmetric weights).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from ..nn.modules import QuantModule, quant_layers
 from ..nn.prepare import set_module
 
 __all__ = ["ExportInfo", "export_onnx", "weight_container", "ort_load", "optimized_op_counts",
-           "QDQLayer", "QDQTensor", "simplify_qdq"]
+           "QDQLayer", "QDQTensor", "simplify_qdq", "cpu_info", "VNNI_FLAGS"]
 
 log = logging.getLogger(__name__)
 INT32_MAX = 2**31 - 1
@@ -60,6 +66,7 @@ class ExportInfo:
     path: Path
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    float_layers: list[str] | None = None  # quantized layers ONNX Runtime runs in float; None: unknown
 
 
 @dataclass(frozen=True)
@@ -145,12 +152,22 @@ def weight_container(layer: QuantModule) -> str:
     return "int8" if spec.symmetric or spec.bits <= 7 else "uint8"
 
 
+def _max_int8_weight(layer: QuantModule) -> int | None:
+    """Largest |code| of the int8 weight initializer (q, or q - z for asymmetric weights)."""
+    if not layer.w_quant.active or weight_container(layer) != "int8":
+        return None
+    with torch.no_grad():
+        q = layer.w_quant.int_repr(layer.weight)
+        z = layer.w_quant.qparams()[1].to(torch.int32).reshape(-1, *[1] * (q.dim() - 1))
+        return int((q - z).abs().max())
+
+
 def _layer_info(name: str, layer: QuantModule) -> dict[str, Any]:
     a, w = layer.a_quant, layer.w_quant
     a_type = ("int8" if a.spec.symmetric else "uint8") if a.active else "float"
     w_type = weight_container(layer) if w.active else "float"
     return {"w_bits": w.spec.bits if w.active else 32, "a_bits": a.spec.bits if a.active else 32,
-            "w_type": w_type, "a_type": a_type,
+            "w_type": w_type, "a_type": a_type, "w_max_abs": _max_int8_weight(layer),
             "w_zero_point": "per-channel" if w_type == "uint8" else "0",
             "a_container": "8-bit, clipped" if a.active and a.spec.bits < 8 else a_type,
             "o_quant": layer.o_quant.spec.bits if layer.o_quant is not None and layer.o_quant.active
@@ -277,9 +294,10 @@ def _dq_range(gr: _Graph, tensor: str) -> tuple[float, float] | None:
     scale, zp = gr.const(node.input[1]), gr.const(node.input[2])
     if scale is None or zp is None or scale.size != 1:
         return None
-    info = np.iinfo(zp.dtype)
-    z = int(zp.reshape(-1)[0])
-    return float(scale.reshape(-1)[0]) * (info.min - z), float(scale.reshape(-1)[0]) * (info.max - z)
+    info, z, s = np.iinfo(zp.dtype), int(zp.reshape(-1)[0]), np.float32(scale.reshape(-1)[0])
+    # the values DequantizeLinear really outputs: (q - z) * s in float32, as ONNX Runtime and
+    # the simulated model compute them (in float64, 255 * (6 / 255) would exceed 6)
+    return float(np.float32(info.min - z) * s), float(np.float32(info.max - z) * s)
 
 
 def _drop_noop_activations(gr: _Graph) -> int:
@@ -350,13 +368,14 @@ def _merge_duplicate_quantizers(gr: _Graph) -> int:
     return merged
 
 
-def _q_range(gr: _Graph, node: Any) -> tuple[float, float] | None:
-    """[lo, hi] a per-tensor QuantizeLinear can represent, or None."""
+def _q_range(gr: _Graph, node: Any, margin: float = 0.0) -> tuple[float, float] | None:
+    """[lo, hi] a per-tensor QuantizeLinear can represent, or None; ``margin`` (in steps) moves
+    both ends inwards: every x <= lo (>= hi) still maps to the lowest (highest) code."""
     scale, zp = gr.const(node.input[1]), gr.const(node.input[2]) if len(node.input) > 2 else None
     if scale is None or zp is None or scale.size != 1:
         return None
     info, z, s = np.iinfo(zp.dtype), int(zp.reshape(-1)[0]), float(scale.reshape(-1)[0])
-    return s * (info.min - z), s * (info.max - z)
+    return s * (info.min - z + margin), s * (info.max - z - margin)
 
 
 def _clip_bounds(gr: _Graph, node: Any) -> tuple[float, float] | None:
@@ -372,14 +391,16 @@ def _clip_bounds(gr: _Graph, node: Any) -> tuple[float, float] | None:
 
 def _drop_activations_before_q(gr: _Graph) -> int:
     """Relu/Clip -> QuantizeLinear whose grid lies inside the activation's range (e.g. uint8
-    with zero-point 0 after a Relu): Q(act(x)) = Q(x), so the Q reads x (exact)."""
+    with zero-point 0 after a Relu, or a Clip(0, 6) before a grid of step 6/255): Q(act(x)) =
+    Q(x), so the Q reads x (exact: a bound within a quarter step inside the end codes still
+    rounds to them, which also absorbs float rounding of the scale)."""
     dropped = 0
     for node in list(gr.g.node):
         bounds = _clip_bounds(gr, node)
         if bounds is None:
             continue
         for q in gr.consumers(node.output[0]):
-            rng = _q_range(gr, q) if q.op_type == "QuantizeLinear" else None
+            rng = _q_range(gr, q, margin=0.25) if q.op_type == "QuantizeLinear" else None
             if rng is not None and bounds[0] <= rng[0] and rng[1] <= bounds[1]:
                 q.input[0] = node.input[0]
                 dropped += 1
@@ -493,17 +514,90 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike[str], example_input: 
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     info = ExportInfo(path, layers, notes)
-    slow = [n for n, v in layers.items() if v["w_type"] == "uint8"]
-    if slow:
-        info.notes.append(f"{len(slow)} layers have asymmetric 8-bit weights, exported exactly as "
-                          "uint8 with per-channel zero-points; ONNX Runtime runs them on a slower "
-                          "path - quantize with w_symmetric=True for deployment")
     if any(v["a_container"] == "8-bit, clipped" or v["w_bits"] < 8 for v in layers.values()):
         info.notes.append("sub-8-bit tensors are stored in 8-bit containers clipped to their grid "
                           "(ONNX Runtime does not fuse INT4/UINT4 QDQ into integer kernels)")
+    slow = _slow_layer_notes(layers, cpu_info())
+    info.float_layers = _ort_float_layers(path, layers)
+    if info.float_layers:
+        slow.append(f"{len(info.float_layers)} quantized layers run as float kernels in ONNX "
+                    f"Runtime ({_names(info.float_layers)}): their output is not quantized, so "
+                    "ONNX Runtime cannot fuse them into QLinearConv/QGemm - run the int_outputs "
+                    "step as the recipe's last step")
+    for note in slow:
+        log.warning("export %s: %s", path.name, note)
+    info.notes += slow
     log.info("exported %s: %d quantized layers, %d weight tensors as integers; QDQ rewrites %s",
              path, len(layers), folded, rewrites)
     return info
+
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
+NO_VNNI_SAFE_WEIGHT = 64  # 2 * 255 * 64 <= 32767: a u8 x s8 pair sum cannot saturate int16
+
+
+def cpu_info(cpuinfo: str | os.PathLike[str] = "/proc/cpuinfo") -> dict[str, Any]:
+    """This machine's CPU: {"model": model name, "x86": bool, "vnni": the VNNI flags it has
+    (of avx512_vnni, avx_vnni)}; model "unknown" and no flags where ``cpuinfo`` is unreadable."""
+    import platform
+
+    model, flags = "unknown", set[str]()
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model == "unknown":
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return {"model": model, "x86": x86, "vnni": [f for f in VNNI_FLAGS if f in flags]}
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _slow_layer_notes(layers: dict[str, dict[str, Any]], cpu: dict[str, Any]) -> list[str]:
+    """Notes on layers ONNX Runtime cannot run on its fast integer kernels, with the fix."""
+    notes = []
+    u8 = [n for n, v in layers.items() if v["w_type"] == "uint8"]
+    if u8:
+        notes.append(f"{len(u8)} layers ({_names(u8)}) have asymmetric 8-bit weights, exported "
+                     "exactly as uint8 with per-channel zero-points: ONNX Runtime runs such integer "
+                     "kernels on a slow path (EfficientNet-Lite0: 14x slower than float) - "
+                     "quantize with w_symmetric=True (int8 weights, zero-point 0)")
+    wide = [n for n, v in layers.items() if (v["w_max_abs"] or 0) > NO_VNNI_SAFE_WEIGHT]
+    if wide and cpu["x86"] and not cpu["vnni"]:
+        notes.append(f"{len(wide)} layers ({_names(wide)}) have int8 weights beyond "
+                     f"+-{NO_VNNI_SAFE_WEIGHT} and this x86 CPU has no VNNI: ONNX Runtime's U8S8 "
+                     "kernels add u8 x s8 pairs in saturating int16, so these layers can overflow "
+                     "- quantize with 7-bit symmetric weights (w_bits=7, w_symmetric=True; ONNX "
+                     "Runtime's reduce_range)")
+    return notes
+
+
+_FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+
+
+def _ort_float_layers(path: Path, layers: dict[str, dict[str, Any]]) -> list[str] | None:
+    """Quantized layers whose Conv/Gemm/MatMul ONNX Runtime leaves in float after its fusions
+    (None without onnxruntime)."""
+    import tempfile
+
+    import onnx
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "optimized.onnx")
+            ort_load(path, threads=1, optimized_path=out)
+            nodes = [n.name for n in onnx.load(out).graph.node if n.op_type in _FLOAT_KERNELS]
+    except ImportError:
+        return None
+    scopes = {name: "/" + name.replace(".", "/") + "/" for name in layers}
+    return [name for name, scope in scopes.items() if any(n.startswith(scope) for n in nodes)]
 
 
 def ort_load(path: str | os.PathLike[str], threads: int = 2, optimized_path: str | None = None,
