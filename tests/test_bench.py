@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ptqkit import bench
-from ptqkit.bench import BenchConfig, Suite, calib_size_study, merge_study, study_summary
+from ptqkit.bench import METHODS, BenchConfig, Suite, calib_size_study, merge_study, study_summary
 from ptqkit.calib.data import CalibrationData
 
 
@@ -102,3 +102,54 @@ def test_bench_methods_are_the_named_recipe_files_a_user_can_load() -> None:
         assert row.seed == 7 and row.steps == recipe.steps and row.w_range == recipe.w_range
         assert (row.w_bits, row.a_bits) == ((recipe.w_bits, recipe.a_bits) if path.stem in
                                             ("light", "advanced") else (3, 5))
+
+
+def test_a_recipe_file_is_a_bench_method(tiny: nn.Module, one_thread: None, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = _tiny_suite(tiny, [])
+    monkeypatch.setitem(bench.SUITES, "tiny", lambda cfg: suite)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("version: 1\nw_range: minmax\na_range: percentile\n")
+    row, = bench.run_bench("tiny", [str(mine)], BenchConfig(w_bits=4, a_bits=4, calib_size=10))
+    assert row["method"] == str(mine) and row["recipe"]["a_range"] == "percentile"
+    assert row["recipe"]["w_bits"] == 4 and 0 <= row["agreement"] <= 100
+    for bad, words in ((str(tmp_path / "none.yaml"), "not found"), ("nope", "unknown method")):
+        with pytest.raises(ValueError, match=words):
+            bench.run_bench("tiny", [bad], BenchConfig())
+    (tmp_path / "bad.yaml").write_text("w_bits: [1\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        bench.run_bench("tiny", [str(tmp_path / "bad.yaml")], BenchConfig())
+
+
+def test_holdout_is_refused_where_the_suite_has_no_held_out_calibration_images() -> None:
+    with pytest.raises(ValueError, match="holdout"):
+        bench.run_bench("fmnist-resnet20", ["minmax"], BenchConfig(holdout=100))
+    with pytest.raises(ValueError, match="holdout"):
+        BenchConfig(holdout=-1)
+
+
+def test_aciq_methods_follow_banner_and_aciq_wa_clips_weights_too() -> None:
+    cfg = BenchConfig(w_bits=3, a_bits=3)
+    for name, steps in (("aciq", []), ("aciq+bc", ["bias_correction"]),
+                        ("aciq+alloc", ["bit_allocation"])):
+        r = METHODS[name](cfg)
+        # ACIQ clips activations; weights stay per-channel min-max (Banner et al.)
+        assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("minmax", "aciq", steps)
+        assert (r.w_bits, r.a_bits, r.first_last_8bit) == (3, 3, True)
+    r = METHODS["aciq-wa+bc"](cfg)
+    assert (r.w_range, r.a_range, [s.name for s in r.steps]) == ("aciq", "aciq", ["bias_correction"])
+    assert [s.name for s in METHODS["lapq"](cfg).steps] == ["lapq"]
+
+
+def test_seq_adaquant_start_point_methods() -> None:
+    cfg = BenchConfig(w_bits=4, a_bits=4)
+    # fixed starts: AdaQuant must not switch away from the ranges the method names
+    for name, ranges in (("mse+seq-adaquant", ("mse", "mse")), ("aciq+seq-adaquant", ("minmax", "aciq"))):
+        r = METHODS[name](cfg)
+        assert (r.w_range, r.a_range, [s.name for s in r.steps]) == (*ranges, ["adaquant"])
+        assert dict(r.steps[0].options) == {"start": "given"}
+    r = METHODS["lapq+seq-adaquant"](cfg)
+    assert [s.name for s in r.steps] == ["lapq", "adaquant"]
+    assert dict(r.steps[1].options) == {"start": "given"} and (r.w_bits, r.a_bits) == (4, 4)
+    r = METHODS["seq-adaquant"](cfg)  # the default: sequential, start chosen by calibration KL
+    assert [s.name for s in r.steps] == ["adaquant"] and dict(r.steps[0].options) == {}

@@ -357,8 +357,12 @@ def test_a_bad_scale_is_refused(bad: float, user_model, tmp_path: Path, capsys) 
     assert key in err and "scale" in err
 
 
-def test_bits_that_do_not_fit_the_saved_grid_are_refused(run_dir: Path, user_model) -> None:  # noqa: F811
-    net, weights, _ = user_model
+def test_bits_that_do_not_fit_the_saved_grid_are_refused(user_model, tmp_path: Path) -> None:  # noqa: F811
+    net, weights, calib = user_model
+    recipe = tmp_path / "asym.yaml"  # asymmetric 8-bit weights: zero-points off the 2-bit grid
+    recipe.write_text("version: 1\nw_symmetric: false\n")
+    run_dir = tmp_path / "run"
+    assert _quantize(net, weights, calib, run_dir, "--recipe", str(recipe)) == 0
     meta = json.loads((run_dir / "run.json").read_text())
     for key in ("files", "digest", "signature"):  # as saved by a ptqkit without hashes
         meta.pop(key)

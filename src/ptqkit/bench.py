@@ -47,6 +47,7 @@ class BenchConfig:
     data_dir: str | None = None
     latency_threads: int = 2  # ONNX Runtime intra-op threads of the deploy row's latencies
     allow_low_coverage: bool = False  # print rows of models under MIN_COVERAGE of MACs quantized
+    holdout: int = 0  # > 0: evaluate on this many calibration images kept out of calibration
 
     def __post_init__(self) -> None:
         Recipe(w_bits=self.w_bits, a_bits=self.a_bits)  # validates bits
@@ -54,6 +55,8 @@ class BenchConfig:
             raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
         if self.latency_threads < 1:
             raise ValueError(f"latency_threads must be >= 1, got {self.latency_threads}")
+        if self.holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {self.holdout}")
 
     def recipe(self, **kw: Any) -> Recipe:
         return Recipe.from_dict({"w_bits": self.w_bits, "a_bits": self.a_bits,
@@ -111,6 +114,7 @@ def _text_suite(cfg: BenchConfig) -> Suite:
 
 
 IMAGENET_CALIB, IMAGENET_EVAL = 1024, 3000  # composites built (and cached) per split
+HOLDOUT_SEED = 1234  # which calibration images --holdout keeps out
 
 
 def _imagenet_suite(cfg: BenchConfig) -> Suite:
@@ -118,16 +122,24 @@ def _imagenet_suite(cfg: BenchConfig) -> Suite:
     agreement, KL to float on 3000 evaluation composites; calibration draws from 1024 others."""
     from .zoo.imagenet import efficientnet_lite0, imagenet_images, normalize
 
-    pool = imagenet_images(IMAGENET_CALIB, "calib", 0)
+    pool = full = imagenet_images(IMAGENET_CALIB, "calib", 0)
+    held = torch.empty(0, dtype=torch.long)
+    if cfg.holdout:  # choose defaults on calibration images, never on the evaluation split
+        if cfg.holdout >= len(pool):
+            raise ValueError(f"--holdout must leave calibration images: the suite has {len(pool)}, "
+                             f"got {cfg.holdout}")
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+        held, pool = perm[:cfg.holdout], pool[perm[cfg.holdout:]]
 
     def make_calib(n: int, seed: int) -> CalibrationData:
         if n > len(pool):
-            raise ValueError(f"imagenet-efficientnet-lite0 has {len(pool)} calibration images; "
-                             f"use --calib-size <= {len(pool)}, got {n}")
+            raise ValueError(f"imagenet-efficientnet-lite0 has {len(pool)} calibration images"
+                             f"{' besides the held-out ones' if cfg.holdout else ''}; use "
+                             f"--calib-size <= {len(pool)}, got {n}")
         idx = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n]
         return CalibrationData(normalize(pool[idx]).split(16))
 
-    x = normalize(imagenet_images(IMAGENET_EVAL, "eval", 1))
+    x = normalize(full[held] if cfg.holdout else imagenet_images(IMAGENET_EVAL, "eval", 1))
     return Suite("imagenet-efficientnet-lite0", efficientnet_lite0(), x, None, make_calib)
 
 
@@ -162,6 +174,20 @@ METHODS: dict[str, Callable[[BenchConfig], Recipe]] = {
 RUNNERS: dict[str, Callable[[Suite, BenchConfig], dict[str, Any]]] = {}
 
 
+def _method(name: str) -> Callable[[BenchConfig], Recipe]:
+    """A named method, or a recipe file of the user's own (a path ending in .yaml or .yml)."""
+    if name in METHODS:
+        return METHODS[name]
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise ValueError(f"recipe file {name} not found; give the path of a YAML recipe")
+        Recipe.from_yaml(path)  # one-line errors for a bad file
+        return _file_method(path)
+    raise ValueError(f"unknown method {name!r}; expected a recipe file (.yaml) or one of "
+                     f"{', '.join(sorted([*METHODS, *RUNNERS]))}")
+
+
 def _ort_peer(method: str) -> Callable[[Suite, BenchConfig], dict[str, Any]]:
     def run(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
         from .export.deploy_bench import ort_peer_row  # lazy: onnx is an optional dependency
@@ -191,13 +217,11 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
     """Quantize with one method and evaluate: one JSON-able row."""
     row: dict[str, Any] = {"suite": suite.name, "method": method, "w_bits": cfg.w_bits,
                            "a_bits": cfg.a_bits, "first_last_8bit": cfg.first_last_8bit,
-                           "calib_size": cfg.calib_size, "seed": cfg.seed}
+                           "calib_size": cfg.calib_size, "seed": cfg.seed,
+                           **({"holdout": cfg.holdout} if cfg.holdout else {})}
     if method in RUNNERS:
         return {**row, **RUNNERS[method](suite, cfg)}
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of "
-                         f"{', '.join(sorted([*METHODS, *RUNNERS]))}")
-    recipe = METHODS[method](cfg)
+    recipe = _method(method)(cfg)
     calib = suite.calib(cfg.calib_size, cfg.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
     qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
@@ -240,10 +264,12 @@ def run_bench(suite_name: str, methods: list[str], cfg: BenchConfig) -> list[dic
     """Run every method on one suite; the float baseline is measured once, in the same run."""
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(SUITES))}")
-    unknown = [m for m in methods if m not in METHODS and m not in RUNNERS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; expected any of "
-                         f"{', '.join(sorted([*METHODS, *RUNNERS]))}")
+    for m in methods:
+        if m not in RUNNERS:
+            _method(m)  # unknown names and unreadable recipe files fail before any work
+    if cfg.holdout and suite_name != "imagenet-efficientnet-lite0":
+        raise ValueError("--holdout is available for imagenet-efficientnet-lite0 only; the zoo "
+                         "suites calibrate on train images and evaluate on their test split")
     suite = SUITES[suite_name](cfg)
     rows = []
     for method in tqdm(methods, desc=f"bench {suite_name}", disable=None):

@@ -367,7 +367,7 @@ def _calib_study(args: argparse.Namespace, methods: list[str], cfg: bench_mod.Be
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = bench_mod.BenchConfig(args.w_bits, args.a_bits, not args.no_first_last_8bit,
                                 args.calib_size, args.seed, args.data_dir, args.latency_threads,
-                                args.allow_low_coverage)
+                                args.allow_low_coverage, args.holdout)
     methods = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
     methods += ["deploy"] if args.deploy else []
     if args.calib_sizes:
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark suite")
     b.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench_mod.SUITES))}")
-    b.add_argument("--methods", help="comma-separated method names")
+    b.add_argument("--methods", help="comma-separated method names or recipe files (.yaml)")
     b.add_argument("--deploy", action="store_true", help="add ONNX Runtime latency/size/parity row")
     b.add_argument("--latency-threads", type=int, default=2,
                    help="ONNX Runtime intra-op threads for the --deploy latencies (default 2)")
@@ -469,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-low-coverage", action="store_true",
                    help="print rows of models with under 90%% of their MACs quantized")
     b.add_argument("--calib-size", type=int, default=1000)
+    b.add_argument("--holdout", type=int, default=0,
+                   help="evaluate on N calibration images kept out of calibration (for choosing "
+                        "defaults without the evaluation split; imagenet-efficientnet-lite0)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--data-dir")
     b.add_argument("--json", help="write the rows as JSON here")

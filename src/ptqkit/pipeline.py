@@ -30,7 +30,7 @@ from .calib.data import CalibrationData
 from .core.quantizer import Quantizer
 from .evaluate import float_layer_outputs, layer_sqnr
 from .nn.modules import quant_layers
-from .nn.prepare import LayerPolicy, PTQState, prepare
+from .nn.prepare import LayerPolicy, PTQState, prepare, set_layer_bits
 
 __all__ = ["Recipe", "StepSpec", "PRESETS", "quantize", "layer_bits", "rebuild"]
 
@@ -117,10 +117,13 @@ PRESETS["advanced"] = (StepSpec("mixed_precision", {"compression": 0.13, "tuner"
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that decides a quantization run (see ALGORITHMS.md, "Setting").
+    """Everything that decides a quantization run.
 
-    Weights are per output channel and activations per tensor, both asymmetric by default; the
-    first and last quantized layers stay at 8 bits unless ``first_last_8bit`` is False.
+    Weights are per output channel, activations per tensor and asymmetric. ``w_symmetric``
+    None (the default) makes 8-bit weights symmetric, which ONNX Runtime's int8 kernels run at
+    full speed, and lower-bit weights asymmetric (exported exactly as int8 q - z); True or False
+    fixes it for every layer. The first and last quantized layers stay at 8 bits unless
+    ``first_last_8bit`` is False.
     ``steps`` run after the range initialisation, in order; each may be given as a StepSpec, a
     step name, a ``{name, options}`` mapping or a step's Options object (``AdaQuantOptions()``),
     and is kept as a StepSpec.
@@ -128,7 +131,7 @@ class Recipe:
 
     w_bits: int = 8
     a_bits: int = 8
-    w_symmetric: bool = False
+    w_symmetric: bool | None = None
     a_symmetric: bool = False
     first_last_8bit: bool = True
     include: tuple[str, ...] = ("*",)
@@ -275,9 +278,13 @@ def quantize(model: nn.Module, calib: CalibrationData | Iterable[Any] | torch.Te
     steps = [STEPS["ranges"](recipe.range_options()), *(s.build() for s in recipe.steps)]
     for step in steps:
         t = time.perf_counter()
+        log.info("step %s started", step.name)
         summary = step.run(ctx)
         report.steps.append({"step": step.name, **summary, "seconds": time.perf_counter() - t})
         log.info("step %s done in %.1fs", step.name, time.perf_counter() - t)
+        if "rescales_channels" in step.effects and summary.get("kept", True):
+            with ctx.as_float():  # layer outputs moved channel by channel: a new reference
+                reference = float_layer_outputs(qmodel, data)
     _check_scales(qmodel)
     for name, layer in quant_layers(qmodel).items():
         report.layer(name).update(w_bits=layer.w_bits, a_bits=layer.a_bits)
@@ -346,6 +353,5 @@ def rebuild(model: nn.Module, recipe: Recipe, bits: dict[str, tuple[int, int]],
         raise ValueError(f"the saved run names layers the model does not have: {missing}; "
                          "was it saved from a different model?")
     for name, (w, a) in bits.items():
-        layers[name].w_quant.set_spec(layers[name].w_quant.spec.with_bits(int(w)))
-        layers[name].a_quant.set_spec(layers[name].a_quant.spec.with_bits(int(a)))
+        set_layer_bits(layers[name], int(w), int(a))
     return qmodel

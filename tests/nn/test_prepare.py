@@ -8,7 +8,7 @@ from torch.testing import assert_close
 from ptqkit.core.spec import QuantSpec
 from ptqkit.nn.control import quantizers_disabled
 from ptqkit.nn.modules import QuantConv2d, QuantLinear, quant_layers
-from ptqkit.nn.prepare import LayerPolicy, prepare
+from ptqkit.nn.prepare import LayerPolicy, prepare, set_layer_bits, weight_symmetry
 
 
 def _prep(model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:  # type: ignore[no-untyped-def]
@@ -88,5 +88,25 @@ def test_conv1d_is_swapped() -> None:
 
 def test_weight_quantizer_is_per_output_channel(tiny: nn.Module, tiny_data) -> None:
     q = _prep(tiny, tiny_data)
-    assert q.conv1.w_quant.spec == QuantSpec(8, False, "channel", 0)
+    assert q.conv1.w_quant.spec == QuantSpec(8, True, "channel", 0)
     assert q.conv1.w_quant.scale.numel() == 8 and q.conv1.a_quant.scale.numel() == 1
+
+
+def test_weight_symmetry_is_symmetric_at_8_bits_and_asymmetric_below_unless_fixed(
+        tiny: nn.Module, tiny_data) -> None:
+    q = _prep(tiny, tiny_data, w_bits=4, a_bits=4)  # first and last layers at 8 bits
+    layers = list(quant_layers(q).values())
+    assert [m.w_quant.spec.symmetric for m in layers] == [m.w_bits >= 8 for m in layers]
+    assert {m.w_bits for m in layers} == {4, 8}
+    inner = layers[1]
+    set_layer_bits(inner, 8, 8)
+    assert inner.w_quant.spec.symmetric and inner.w_bits == 8
+    set_layer_bits(inner, 3, 8)
+    assert not inner.w_quant.spec.symmetric and inner.w_bits == 3
+    for fixed in (True, False):
+        q = _prep(tiny, tiny_data, w_bits=4, a_bits=4, w_symmetric=fixed)
+        layers = list(quant_layers(q).values())
+        assert all(m.w_quant.spec.symmetric is fixed for m in layers)
+        set_layer_bits(layers[1], 8, 8)
+        assert layers[1].w_quant.spec.symmetric is fixed
+    assert [weight_symmetry(None, b) for b in (2, 7, 8, 16)] == [False, False, True, True]

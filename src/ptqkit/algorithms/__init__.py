@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     block_reconstruction,
     bn_tuning,
     embeddings,
+    equalization,
     int_outputs,
     lapq,
     mixed_precision,

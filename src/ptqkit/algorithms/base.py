@@ -175,6 +175,8 @@ EFFECTS = frozenset({
     "changes_weights",       # adapts float weights, biases or folded BN statistics
     "changes_bits",          # changes layers' bit widths
     "adds_quantizers",       # quantizes tensors that were float (e.g. layer outputs)
+    "rescales_channels",     # rescales float layer outputs channel by channel (equalization);
+                             # the float reference of every layer output is taken again after it
 })
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..calib.data import CalibrationData, batch_size_of
 from ..nn.modules import QuantModule, quant_layers
+from ..nn.prepare import set_layer_bits
 from ..ranges import get_range_method
 from .base import Context, Step, build_options, register_step
 from .ip import (
@@ -191,8 +192,7 @@ def range_tuner(w_range: str = "mse", a_range: str = "mse", percentile: float = 
 
     @torch.no_grad()
     def tune(layer: QuantModule, option: Option, inputs: list[torch.Tensor]) -> None:
-        layer.w_quant.set_spec(layer.w_quant.spec.with_bits(option[0]))
-        layer.a_quant.set_spec(layer.a_quant.spec.with_bits(option[1]))
+        set_layer_bits(layer, option[0], option[1])
         key_w, key_a = (id(layer), "w", option[0]), (id(layer), "a", option[1])
         if key_w not in cache:
             w = layer.weight.detach().reshape(layer.out_channels, -1)

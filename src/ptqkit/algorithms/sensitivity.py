@@ -26,6 +26,7 @@ from ..calib.engine import LeafTracer, run_nodes
 from ..calib.loss import calibration_loss
 from ..nn.control import only_enabled, quantizers_disabled
 from ..nn.modules import QuantModule
+from ..nn.prepare import set_layer_bits
 from .ip import Option, SensitivityTable
 
 __all__ = ["SuffixRunner", "LayerState", "snapshot", "restore", "OptionTuner", "calib_loss",
@@ -150,8 +151,7 @@ def snapshot(layer: QuantModule, base: dict[str, torch.Tensor] | None = None) ->
 @torch.no_grad()
 def restore(layer: QuantModule, state: LayerState) -> None:
     """Put a snapshot back: bits first (set_spec resets ``initialized``), then the tensors."""
-    layer.w_quant.set_spec(layer.w_quant.spec.with_bits(state.option[0]))
-    layer.a_quant.set_spec(layer.a_quant.spec.with_bits(state.option[1]))
+    set_layer_bits(layer, state.option[0], state.option[1])
     own = dict(layer.named_parameters()) | dict(layer.named_buffers())
     for k, v in state.tensors.items():
         if k == "bias" and layer.bias is None:

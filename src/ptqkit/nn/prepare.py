@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import logging
 import warnings
@@ -20,7 +21,8 @@ from .coverage import Coverage, MacCounter, coverage
 from .custom import OpRecord, probe_custom_layers
 from .modules import FoldedBN, QuantEmbedding, QuantModule, quant_class_for, quant_layers
 
-__all__ = ["LayerPolicy", "PTQState", "prepare", "find_conv_bn_pairs", "set_module",
+__all__ = ["LayerPolicy", "PTQState", "prepare", "weight_symmetry", "set_layer_bits",
+           "find_conv_bn_pairs", "set_module",
            "record_layer_order", "apply_bit_policy", "FloatMatmulCounter", "quantize_embeddings"]
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ class LayerPolicy:
 
     w_bits: int = 8
     a_bits: int = 8
-    w_symmetric: bool = False
+    w_symmetric: bool | None = None  # None: symmetric at 8-bit weights, asymmetric below
     a_symmetric: bool = False
     first_last_8bit: bool = True
     include: tuple[str, ...] = ("*",)
@@ -187,7 +189,7 @@ def _custom_candidates(model: nn.Module) -> list[str]:
 
 def _swap(model: nn.Module, policy: LayerPolicy, folded: dict[str, FoldedBN],
           records: Mapping[str, OpRecord], state: PTQState) -> None:
-    w_spec = QuantSpec(policy.w_bits, policy.w_symmetric, "channel")
+    w_spec = QuantSpec(policy.w_bits, weight_symmetry(policy.w_symmetric, policy.w_bits), "channel")
     a_spec = QuantSpec(policy.a_bits, policy.a_symmetric)
     swapped: list[str] = []
     for name, mod in list(model.named_modules()):
@@ -199,6 +201,7 @@ def _swap(model: nn.Module, policy: LayerPolicy, folded: dict[str, FoldedBN],
             make = cast(Callable[..., QuantModule], qcls)
             q = make(mod, w_spec, a_spec, records[name]) if custom else make(mod, w_spec, a_spec)
             q.folded_bn = folded.get(name)
+            q.auto_w_symmetric = policy.w_symmetric is None  # type: ignore[assignment]
             set_module(model, name, q)
             swapped.append(name)
         elif not list(mod.children()) or qcls is not None:
@@ -298,8 +301,25 @@ def apply_bit_policy(model: nn.Module, policy: LayerPolicy) -> None:
         for pattern, bits in policy.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 w, a = int(bits[0]), int(bits[1])
-        layer.w_quant.set_spec(layer.w_quant.spec.with_bits(w))
-        layer.a_quant.set_spec(layer.a_quant.spec.with_bits(a))
+        set_layer_bits(layer, w, a)
+
+
+def weight_symmetry(w_symmetric: bool | None, w_bits: int) -> bool:
+    """Whether weights at ``w_bits`` are symmetric: as given, or for None (auto) symmetric at
+    8 bits and above, where ONNX Runtime's int8 kernels need a zero-point of 0, and asymmetric
+    below, where the export stores q - z exactly in int8 with a zero-point of 0 too."""
+    return w_bits >= 8 if w_symmetric is None else w_symmetric
+
+
+def set_layer_bits(layer: QuantModule, w_bits: int, a_bits: int) -> None:
+    """Give ``layer`` new weight and input bit widths; its ranges must be set again. A layer
+    prepared with automatic weight symmetry (``LayerPolicy.w_symmetric`` None) follows
+    :func:`weight_symmetry` at its new bits; otherwise the symmetry stays."""
+    spec = layer.w_quant.spec.with_bits(w_bits)
+    if getattr(layer, "auto_w_symmetric", False):
+        spec = dataclasses.replace(spec, symmetric=weight_symmetry(None, w_bits))
+    layer.w_quant.set_spec(spec)
+    layer.a_quant.set_spec(layer.a_quant.spec.with_bits(a_bits))
 
 
 def prepare(model: nn.Module, policy: LayerPolicy,
