@@ -40,3 +40,17 @@ def test_export_needs_a_target(user_model, tmp_path: Path, capsys) -> None:  # n
           "--range", "minmax", "--out", str(run)])
     assert main(["export", str(run)]) != 0
     assert "nothing to export" in capsys.readouterr().err
+
+
+def test_export_prints_what_keeps_layers_off_fast_kernels(user_model, tmp_path: Path,  # noqa: F811
+                                                          capsys) -> None:
+    net, weights, calib = user_model
+    recipe = tmp_path / "asym.yaml"
+    recipe.write_text("w_symmetric: false\n")
+    run = tmp_path / "run"
+    assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+                 "--recipe", str(recipe), "--range", "minmax", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("note:")]
+    assert any("uint8" in n and "w_symmetric=True" in n for n in notes)

@@ -252,7 +252,9 @@ def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = Non
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(workdir or tmp)
         out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
         qmodel = quantize(suite.float_model, calib, recipe, forward_fn=suite.forward_fn)
+        seconds = time.perf_counter() - t0
         paths = {"float": export_float(suite.float_model, out / "float.onnx", _example(suite, 1)),
                  "ort": ort_quantize(out / "float.onnx", out / "ort_int8.onnx", calib)}
         info = export_onnx(qmodel, out / "ptqkit.onnx", _example(suite, 1))
@@ -260,7 +262,7 @@ def deploy_row(suite: Any, cfg: Any, recipe: Any, spec: LatencySpec | None = Non
         sizes = checkpoint_sizes(suite.float_model, qmodel, out)
         quality = _quality(suite, qmodel, paths, spec.threads)
         row = {"fp32_top1": suite.fp32_top1, **quality,
-               "method": "deploy (" + _recipe_label(recipe) + ")",
+               "method": "deploy (" + _recipe_label(recipe) + ")", "seconds": seconds,
                "cpu": {"model": cpu["model"], "vnni": cpu["vnni"]},
                "reduce_range": _reduce_range(cpu),
                "export_notes": info.notes, "float_layers": info.float_layers,
