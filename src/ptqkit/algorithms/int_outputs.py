@@ -17,6 +17,16 @@ deployed model stay the same function:
 - add inputs produced by other float ops (e.g. a max-pooled stem feeding the first skip branch)
   get such a module output quantizer too.
 
+- conv outputs read only by quantized layers (through at most one ReLU/ReLU6 that the grid makes
+  redundant) get an output quantizer too (kind "requant"), a copy of their consumers' shared
+  input qparams: the simulated function is unchanged (Q is idempotent), and the layer knows the
+  grid ONNX Runtime's QLinearConv requantizes to, so that at inference it computes that output
+  exactly as the integer kernel does (``ptqkit.nn.integer``);
+- residual adds whose two inputs are such quantized outputs get an integer plan: at inference
+  (no gradient) the module output hook recomputes the add as MLAS QLinearAdd does from the two
+  inputs' codes (:func:`install_integer_plan`, re-installed on the first inference call of a
+  loaded model); other module output quantizers round x / s as QuantizeLinear does.
+
 Shared qparams: when a quantized layer with an 8-bit input quantizer consumes the tensor, the new
 quantizer copies that layer's scale and zero-point (Q is idempotent with equal qparams, so that
 layer's own input quantizer stays exact and the export drops the DQ -> Q pair). Otherwise a fresh
@@ -41,6 +51,7 @@ from torch import fx, nn
 
 from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
+from ..nn import integer
 from ..nn.modules import QuantConv1d, QuantConv2d, QuantModule
 from ..ranges import get_range_method
 from .base import Context, Step, register_step
@@ -48,7 +59,7 @@ from .base import Context, Step, register_step
 __all__ = ["IntOutputsOptions", "IntOutputs", "TensorSite", "layers_needing_output_quant",
            "snap_bias", "snap_biases",
            "plan_int_tensors", "attach_output_quantizers", "install_output_quantizer",
-           "output_quantizers", "OUT_ATTR"]
+           "output_quantizers", "install_integer_plan", "OUT_ATTR"]
 
 log = logging.getLogger(__name__)
 OUT_ATTR = "int_out"  # attribute of a module whose output is quantized by a forward hook
@@ -124,9 +135,13 @@ class TensorSite:
 
     node: str
     site: str
-    kind: str  # "o_quant" or "output"
+    kind: str  # "o_quant", "requant" (read only by quantized layers) or "output"
     act: str | None = None
     consumers: list[str] = field(default_factory=list)
+    # residual adds ("output" sites): the add's activation and its two inputs, in argument
+    # order, as (module path whose output is the input, "o_quant" or "output", activation)
+    add_act: str | None = None
+    operands: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
 def layers_needing_output_quant(qmodel: nn.Module) -> dict[str, str | None]:
@@ -161,8 +176,27 @@ def _conv_site(node: fx.Node, mods: dict[str, nn.Module]) -> TensorSite | None:
         return None
     t, act = _through_activation(node, mods)
     if _feeds_quantized_inputs(_users(t, mods), mods):
-        return None
+        kind = "requant" if mod.a_quant.active else None
+        return TensorSite(t.name, str(node.target), kind, act) if kind else None
     return TensorSite(t.name, str(node.target), "o_quant", act)
+
+
+def _add_operands(add: fx.Node, sites: list[TensorSite],
+                  mods: dict[str, nn.Module]) -> list[tuple[str, str, str | None]]:
+    """The add's two inputs as (module path, kind, activation) when each is a quantized site's
+    tensor (a conv output quantizer or a module output quantizer), else []."""
+    args = [a for a in add.args if isinstance(a, fx.Node)]
+    if len(args) != 2 or len(add.args) != 2 or add.kwargs:
+        return []
+    by_node = {s.node: s for s in sites}
+    out = []
+    for arg in args:
+        site = by_node.get(_source(arg, mods).name) or by_node.get(arg.name)
+        if site is None:
+            return []
+        kind = "output" if site.kind == "output" else "o_quant"
+        out.append((site.site, kind, site.act if kind == "o_quant" else None))
+    return out
 
 
 def _source(node: fx.Node, mods: dict[str, nn.Module]) -> fx.Node:
@@ -186,9 +220,10 @@ def _module_output_site(t: fx.Node, scopes: dict[fx.Node, set[str]],
 def plan_int_tensors(qmodel: nn.Module) -> tuple[list[TensorSite], list[str]]:
     """The tensors to quantize for integer deployment, and the residual-add tensors left float.
 
-    Sites: conv outputs not read only by quantized layers (``o_quant``), residual-add outputs
-    (after a sole ReLU/ReLU6), and add inputs produced by other float ops (e.g. a max-pooled stem
-    feeding the first skip branch). Raises ValueError if torch.fx cannot trace the model.
+    Sites: conv outputs not read only by quantized layers (``o_quant``), conv outputs read only
+    by quantized layers (``requant``), residual-add outputs (after a sole ReLU/ReLU6; with the
+    add's inputs in ``operands``), and add inputs produced by other float ops (e.g. a max-pooled
+    stem feeding the first skip branch). Raises ValueError if torch.fx cannot trace the model.
     """
     graph = _trace(qmodel)
     mods = dict(qmodel.named_modules())
@@ -211,6 +246,11 @@ def plan_int_tensors(qmodel: nn.Module) -> tuple[list[TensorSite], list[str]]:
             if src.op != "placeholder" and src.name not in known and (
                     site := _module_output_site(src, scopes, skipped)) is not None:
                 sites.append(site)
+    for node in adds:
+        t, act = _through_activation(node, mods)
+        site = next((s for s in sites if s.kind == "output" and s.node == t.name), None)
+        if site is not None:
+            site.add_act, site.operands = act, _add_operands(node, sites, mods)
     nodes = {n.name: n for n in graph.nodes}
     for s in sites:
         s.consumers = [str(u.target) for u in _users(nodes[s.node], mods)
@@ -218,10 +258,144 @@ def plan_int_tensors(qmodel: nn.Module) -> tuple[list[TensorSite], list[str]]:
     return sites, skipped
 
 
+_RESHAPES = {torch.flatten, torch.reshape}
+
+
+def _through_reshapes(node: fx.Node, mods: dict[str, nn.Module]) -> list[fx.Node]:
+    """Consumers of ``node`` past flatten / reshape / view / Dropout / Identity (exact at eval)."""
+    out = []
+    for u in node.users:
+        if ((u.op == "call_function" and u.target in _RESHAPES)
+                or (u.op == "call_method" and u.target in ("flatten", "reshape", "view"))
+                or (u.op == "call_module" and isinstance(mods[str(u.target)], (nn.Identity,
+                                                                               nn.Dropout)))):
+            out += _through_reshapes(u, mods)
+        else:
+            out.append(u)
+    return out
+
+
+def plan_pools(qmodel: nn.Module, sites: list[TensorSite]) -> dict[str, tuple[str, str, str | None,
+                                                                              str]]:
+    """{pooling module: (input module, "o_quant"/"output", activation, consumer layer)} for every
+    global average pooling module (AdaptiveAvgPool2d to 1x1) whose input is a quantized site's
+    tensor and whose output (through flatten / reshape) only one quantized layer reads: ONNX
+    Runtime fuses it into QLinearGlobalAveragePool on that layer's input grid."""
+    graph = _trace(qmodel)
+    mods = dict(qmodel.named_modules())
+    by_node = {s.node: s for s in sites}
+    found = {}
+    for node in graph.nodes:
+        mod = mods.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(mod, nn.AdaptiveAvgPool2d) or mod.output_size not in (1, (1, 1)):
+            continue
+        arg = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        site = by_node.get(_source(arg, mods).name) or by_node.get(arg.name) if arg else None
+        users = _through_reshapes(node, mods)
+        if site is None or len(users) != 1 or _quant_input(users[0], mods) is None:
+            continue
+        kind = "output" if site.kind == "output" else "o_quant"
+        found[str(node.target)] = (site.site, kind, site.act if kind == "o_quant" else None,
+                                   str(users[0].target))
+    return found
+
+
+_PLAN_ATTR = "_int_add"  # a residual add's integer plan (_AddPlan), on the module returning it
+_LAST_ATTR = "_int_last"  # the last inference output of a module whose output an add reads
+_PLANNED_ATTR = "_int_planned"  # on the root: install_integer_plan has run
+
+
+@dataclass
+class _AddPlan:
+    """The two inputs of a residual add (argument order): (module, "o_quant"/"output", act)."""
+
+    operands: list[tuple[nn.Module, str, str | None]]
+    act: str | None
+
+
+def _capture_hook(module: nn.Module, args: Any, out: Any) -> None:
+    """Forward hook: keep the module's last inference output (a residual add reads it)."""
+    if isinstance(out, torch.Tensor) and not torch.is_grad_enabled():
+        setattr(module, _LAST_ATTR, out)
+
+
+def _grid_8bit(q: Any) -> bool:
+    return (isinstance(q, Quantizer) and q.active and q.spec.bits == 8 and not q.spec.per_channel
+            and q.channel_bits is None)
+
+
+_F32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def _act_redundant(act: str | None, q: Quantizer) -> bool:
+    """True when ONNX Runtime drops ``act`` in front of a QuantizeLinear on ``q``'s grid
+    (ClipQuantFusion, clip_quantizelinear.cc: lower = fl32(s (qmin - z)), upper = fl32(s (qmax -
+    z)), dropped when 0 - lower <= eps and upper - 6 <= eps in float32). Then Q(act(y)) = Q(y)
+    (the grid's top code is the nearest to 6), so simulated and deployed model agree."""
+    if act is None:
+        return True
+    s, z = q.qparams()
+    s32 = s.float().reshape(())
+    lower = float(s32 * torch.tensor(float(q.spec.qmin - int(z)), dtype=torch.float32))
+    upper = float(s32 * torch.tensor(float(q.spec.qmax - int(z)), dtype=torch.float32))
+    if 0.0 - lower > _F32_EPS:
+        return False
+    return act == "relu" or float(torch.tensor(upper - 6.0, dtype=torch.float32)) <= _F32_EPS
+
+
+def _operand_quantizer(mod: nn.Module, kind: str) -> Any:
+    return getattr(mod, "o_quant", None) if kind == "o_quant" else getattr(mod, OUT_ATTR, None)
+
+
+def _integer_add(module: nn.Module, out: torch.Tensor, qc: Quantizer) -> torch.Tensor | None:
+    """The add's output as MLAS QLinearAdd computes it from its inputs' codes, dequantized; None
+    when the module has no plan, its inputs were not both seen, or ONNX Runtime would not fuse
+    the add (an activation the grid does not make redundant, mixed grids)."""
+    plan = getattr(module, _PLAN_ATTR, None)
+    if plan is None or not _grid_8bit(qc) or not _act_redundant(plan.act, qc):
+        return None
+    vals = []
+    for mod, kind, act in plan.operands:
+        t, q = getattr(mod, _LAST_ATTR, None), _operand_quantizer(mod, kind)
+        if (t is None or t.shape != out.shape or t.dtype != out.dtype or not _grid_8bit(q)
+                or q.spec.symmetric != qc.spec.symmetric or not _act_redundant(act, q)):
+            return None
+        vals.append((_after(act, t), q))
+    (a, qa), (b, qb) = vals
+    if not torch.equal(_after(plan.act, a + b), out):
+        return None  # the kept outputs are not this add's inputs (e.g. a module called twice)
+    (sa, za), (sb, zb), (sc, zc) = qa.qparams(), qb.qparams(), qc.qparams()
+    lo, hi = qc.spec.qmin, qc.spec.qmax
+    ca = integer.quantize_codes(a, sa, za, qa.spec.qmin, qa.spec.qmax)
+    cb = integer.quantize_codes(b, sb, zb, qb.spec.qmin, qb.spec.qmax)
+    c = integer.qlinear_add(ca, float(sa), int(za), cb, float(sb), int(zb), float(sc), int(zc),
+                            lo, hi)
+    return (c - zc.reshape(())) * sc.reshape(())
+
+
 def _output_quant_hook(module: nn.Module, args: Any, out: Any) -> Any:
-    """Forward hook: quantize the module's output with its ``int_out`` quantizer."""
+    """Forward hook: quantize the module's output with its ``int_out`` quantizer.
+
+    At inference (no gradient): a planned residual add is recomputed as QLinearAdd does
+    (:func:`_integer_add`); otherwise an 8-bit per-tensor grid rounds x / s (QuantizeLinear)."""
     q = getattr(module, OUT_ATTR, None)
-    return q(out) if q is not None and isinstance(out, torch.Tensor) else out
+    if q is None or not isinstance(out, torch.Tensor):
+        return out
+    if not torch.is_grad_enabled() and integer.integer_inference() and _grid_8bit(q):
+        y = _integer_add(module, out, q)
+        if y is not None:
+            return y
+        s, z = q.qparams()
+        codes = integer.quantize_codes(out, s, z, q.spec.qmin, q.spec.qmax)
+        return (codes - z.reshape(())) * s.reshape(())
+    return q(out)
+
+
+def _lazy_plan_hook(model: nn.Module, args: Any) -> None:
+    """Forward pre-hook of the root: install the integer plan at the first inference call (a
+    model loaded from a file has its quantizers but not the plan)."""
+    if not torch.is_grad_enabled() and not getattr(model, _PLANNED_ATTR, False):
+        install_integer_plan(model)
 
 
 def install_output_quantizer(model: nn.Module, path: str, quantizer: nn.Module) -> None:
@@ -231,6 +405,77 @@ def install_output_quantizer(model: nn.Module, path: str, quantizer: nn.Module) 
     setattr(mod, OUT_ATTR, quantizer)
     if _output_quant_hook not in mod._forward_hooks.values():
         mod.register_forward_hook(_output_quant_hook)
+    if path and _lazy_plan_hook not in model._forward_pre_hooks.values():
+        setattr(model, _PLANNED_ATTR, False)
+        model.register_forward_pre_hook(_lazy_plan_hook)
+
+
+_POOL_ATTR = "_int_pool"  # a global average pooling's integer plan (_PoolPlan)
+
+
+@dataclass
+class _PoolPlan:
+    """Input (module, "o_quant"/"output", activation) and the layer reading the pooled tensor."""
+
+    source: tuple[nn.Module, str, str | None]
+    consumer: QuantModule
+
+
+def _pool_hook(module: nn.Module, args: Any, out: Any) -> Any:
+    """Forward hook of a planned global average pooling: at inference, the output as MLAS
+    QLinearGlobalAveragePool computes it on the consumer's input grid (x86 path: int32 sum of
+    the codes minus z_in * HW, requantized with fl32(s_in / fl32(s_out * HW))), dequantized."""
+    plan = getattr(module, _POOL_ATTR, None)
+    if (plan is None or not isinstance(out, torch.Tensor) or torch.is_grad_enabled()
+            or not integer.integer_inference() or not args or not isinstance(args[0], torch.Tensor)):
+        return out
+    x = args[0]
+    src, kind, act = plan.source
+    qi, qo = _operand_quantizer(src, kind), plan.consumer.a_quant
+    if (x.dim() != 4 or not _grid_8bit(qi) or not _grid_8bit(qo) or not _act_redundant(act, qi)
+            or qi.spec.symmetric != qo.spec.symmetric):
+        return out
+    s_in, z_in = qi.qparams()
+    codes = integer.quantize_codes(x, s_in, z_in, qi.spec.qmin, qi.spec.qmax)
+    if not torch.equal((codes - z_in.reshape(())) * s_in.reshape(()), x):
+        return out  # the input is not on the grid: ONNX Runtime would not see these codes
+    hw = x.shape[2] * x.shape[3]
+    acc = codes.double().sum((2, 3), keepdim=True) - float(z_in) * hw
+    s_out, z_out = qo.qparams()
+    m = s_in.float().reshape(()) / (s_out.float().reshape(()) * torch.tensor(float(hw)))
+    y_c = integer.requantize(acc, m, z_out, qo.spec.qmin, qo.spec.qmax)
+    return (y_c * s_out.reshape(())).reshape(out.shape)
+
+
+def install_integer_plan(model: nn.Module) -> int:
+    """Give every residual add whose inputs are both quantized tensors its integer plan (the
+    modules whose outputs are its inputs keep their last inference output for it), and every
+    global average pooling ONNX Runtime runs as QLinearGlobalAveragePool its own. Returns how
+    many ops have a plan; 0 (float ops) when torch.fx cannot trace the model."""
+    setattr(model, _PLANNED_ATTR, True)
+    try:
+        sites, _ = plan_int_tensors(model)
+    except ValueError:
+        return 0
+    planned = 0
+    for site in sites:
+        mod = model.get_submodule(site.site)
+        if site.kind != "output" or len(site.operands) != 2 or getattr(mod, OUT_ATTR, None) is None:
+            continue
+        operands = [(model.get_submodule(path), kind, act) for path, kind, act in site.operands]
+        for op_mod, _, _ in operands:
+            if _capture_hook not in op_mod._forward_hooks.values():
+                op_mod.register_forward_hook(_capture_hook)
+        setattr(mod, _PLAN_ATTR, _AddPlan(operands, site.add_act))
+        planned += 1
+    for path, (src, kind, act, consumer) in plan_pools(model, sites).items():
+        mod = model.get_submodule(path)
+        setattr(mod, _POOL_ATTR, _PoolPlan((model.get_submodule(src), kind, act),
+                                           cast(QuantModule, model.get_submodule(consumer))))
+        if _pool_hook not in mod._forward_hooks.values():
+            mod.register_forward_hook(_pool_hook)
+        planned += 1
+    return planned
 
 
 def output_quantizers(model: nn.Module) -> dict[str, Quantizer]:
@@ -292,24 +537,49 @@ def _unify_consumers(ctx: Context, site: TensorSite, q: Quantizer) -> None:
 
 
 def _install(ctx: Context, site: TensorSite, q: Quantizer) -> None:
-    if site.kind == "o_quant":
+    if site.kind in ("o_quant", "requant"):
         ctx.qmodel.get_submodule(site.site).o_quant = q
     else:
         install_output_quantizer(ctx.qmodel, site.site, q)
+
+
+def _requant_ok(ctx: Context, site: TensorSite, q: Quantizer) -> bool:
+    """A "requant" site is ONNX Runtime's QLinearConv output grid when every consumer reads the
+    tensor on the same 8-bit grid (one QuantizeLinear after the merge) and the activation in
+    between is redundant on it (the export drops it)."""
+    if not site.consumers or not _act_redundant(site.act, q):
+        return False
+    want = [t.tolist() for t in q.qparams()]
+    for name in site.consumers:
+        aq = _a_quant(ctx, name)
+        if not _grid_8bit(aq) or aq.spec != q.spec or [t.tolist() for t in aq.qparams()] != want:
+            return False
+    return True
 
 
 def attach_output_quantizers(ctx: Context, sites: list[TensorSite], method: str, bits: int = 8,
                              max_samples: int = 1 << 18) -> dict[str, str]:
     """Give every site an asymmetric per-tensor ``bits``-bit quantizer: a copy of its first
     consumer's input qparams when that consumer has a ``bits``-bit grid, else calibrated with
-    ``method`` on the site's data. Returns {tensor: 'shared:<layer>' or 'calibrated'}."""
+    ``method`` on the site's data. "requant" sites get the copy only when all their consumers
+    share one 8-bit grid that makes the activation redundant (else nothing). Returns
+    {tensor: 'shared:<layer>' or 'calibrated'}."""
     sources = {s.node: _shared_source(ctx, s, bits) for s in sites}
-    fresh = [s for s in sites if sources[s.node] is None]
+    fresh = [s for s in sites if sources[s.node] is None and s.kind != "requant"]
     samples = _collect(ctx, fresh, max_samples) if fresh else {}
     fn, how = get_range_method(method), {}
     for site in sites:
         src = sources[site.node]
-        if src is not None:
+        if site.kind == "requant":
+            if src is None or not _grid_8bit(src[1]):
+                continue
+            q = Quantizer(src[1].spec)
+            q.set_qparams(*src[1].qparams())
+            _unify_consumers(ctx, site, q)
+            if not _requant_ok(ctx, site, q):
+                continue
+            how[site.node] = "shared:" + src[0]
+        elif src is not None:
             q = Quantizer(src[1].spec)
             q.set_qparams(*src[1].qparams())
             how[site.node] = "shared:" + src[0]
@@ -390,12 +660,19 @@ class IntOutputs(Step):
                                     f"change {snap_biases(ctx.qmodel):.2e})")
         convs = sorted(s.site for s in sites if s.kind == "o_quant")
         outs = {s.site: how.get(s.node) for s in sites if s.kind == "output"}
+        requant = sorted(s.site for s in sites if s.kind == "requant" and s.node in how)
+        planned = install_integer_plan(ctx.qmodel)
         ctx.report.notes.append(f"int_outputs: {len(convs)} conv outputs and {len(outs)} module "
                                 f"outputs (residual adds) quantized to {self.options.bits} bits "
                                 f"for integer deployment: {convs}, {sorted(outs)}")
+        ctx.report.notes.append(f"int_outputs: {len(requant)} conv outputs read only by quantized "
+                                f"layers carry their consumers' grid and {planned} residual adds "
+                                "an integer plan: at inference they compute what ONNX Runtime's "
+                                "QLinearConv / QLinearAdd compute")
         if skipped:
             msg = (f"int_outputs: {len(skipped)} residual adds are not the output of a module call "
                    f"and stay float (ONNX Runtime runs them in float): {skipped}")
             log.info(msg)
             ctx.report.notes.append(msg)
-        return {"layers": convs, "tensors": outs, "skipped": skipped, "range": method}
+        return {"layers": convs, "tensors": outs, "skipped": skipped, "range": method,
+                "requant": requant, "integer_adds": planned}

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..core.quantizer import Quantizer
 from ..core.spec import QuantSpec
-from .custom import OpOverride, OpRecord, has_own_forward, registered_base
+from . import integer
+from .custom import OP_FUNCS, OpOverride, OpRecord, has_own_forward, registered_base
 
 __all__ = ["FoldedBN", "QuantModule", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantEmbedding",
            "QuantCustomConv1d", "QuantCustomConv2d", "QuantCustomLinear", "REGISTRY", "register",
@@ -52,6 +53,7 @@ class QuantModule(nn.Module):
     """Base of quantized layers: y = op(a_quant(x), w_quant(weight)) + bias."""
 
     float_type: ClassVar[type[nn.Module]]
+    channel_axis: ClassVar[int] = 1  # output channel axis of op's result
 
     def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec) -> None:
         super().__init__()
@@ -90,14 +92,71 @@ class QuantModule(nn.Module):
         return self.w_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.o_quant is not None and not torch.is_grad_enabled() and integer.integer_inference():
+            y = self.integer_forward(x)
+            if y is not None:
+                return y
         y = self.op(self.a_quant(x), self.w_quant(self.weight), self.bias)
         return y if self.o_quant is None else self.o_quant(y)
+
+    def has_integer_op(self) -> bool:
+        """True when ``integer_op`` is defined (the integer inference path)."""
+        return False
+
+    def integer_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """op(x, w) without bias, on integer codes (the integer path; see ``has_integer_op``)."""
+        raise NotImplementedError
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output as ONNX Runtime's QLinearConv computes it (``nn.integer``): exact integer
+        accumulation of (x_q - z_x)(w_q - z_w) plus the int32 bias, requantized with the float32
+        multiplier fl32(fl32(s_x s_w) / s_y), dequantized: (y_q - z_y) * s_y, shape of the float
+        output. None when the layer, its quantizers or the input do not allow it (8-bit-or-less
+        active input, weight and per-tensor output quantizers, a float32 input)."""
+        a, w, o = self.a_quant, self.w_quant, self.o_quant
+        if (o is None or not self.has_integer_op() or x.dtype != torch.float32
+                or not (a.active and w.active and o.active)
+                or max(a.spec.bits, w.spec.bits, o.spec.bits) > 8 or o.spec.per_channel):
+            return None
+        s_x, z_x = a.qparams()
+        x_c = integer.centred_codes(x, s_x, z_x, *_code_range(a))
+        s_w, z_w = w.qparams()
+        w_c = w.int_repr(self.weight).float() - z_w.reshape(
+            [-1] + [1] * (self.weight.dim() - 1))
+        bound = integer.accumulation_bound(x_c, w_c)
+        if bound < integer.EXACT_F32:
+            acc = self.integer_op(x_c, w_c)  # exact: every partial sum is an integer below 2^24
+        else:
+            acc = self.integer_op(x_c.double(), w_c.double())
+        axis = self.channel_axis % acc.dim()
+        if self.bias is not None:
+            shape = [1] * acc.dim()
+            shape[axis] = -1
+            codes = (integer.float_bias_codes if getattr(self, "_op_input_changed", False)
+                     else integer.bias_codes)
+            b = codes(self.bias, s_x, s_w)
+            total = bound + float(b.abs().max())
+            if total < integer.EXACT_F32 and acc.dtype == torch.float32:
+                acc = acc.add_(b.float().reshape(shape).to(acc.device))  # exact in float32
+            else:
+                acc = acc.double() + b.reshape(shape).to(acc.device)
+                if total >= 2.0 ** 31:
+                    acc = integer.wrap_int32(acc)
+        s_y, z_y = o.qparams()
+        m = integer.output_multiplier(s_x, s_w, s_y)
+        y_c = integer.requantize(acc, m, z_y, o.spec.qmin, o.spec.qmax, axis=axis)
+        return y_c.mul_(s_y.reshape(()))
 
     def ensure_bias(self) -> nn.Parameter:
         """Create a zero bias if the layer has none (BN folding and bias correction need one)."""
         if self.bias is None:
             self.bias = nn.Parameter(torch.zeros(self.out_channels, dtype=self.weight.dtype))
         return self.bias
+
+
+def _code_range(q: Quantizer) -> tuple[float, float]:
+    """The (qmin, qmax) codes of a per-tensor quantizer."""
+    return float(q.spec.qmin), float(q.spec.qmax)
 
 
 class _QuantConvNd(QuantModule):
@@ -116,6 +175,12 @@ class _QuantConvNd(QuantModule):
 
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return type(self)._fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def has_integer_op(self) -> bool:
+        return True
+
+    def integer_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return type(self)._fn(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -139,14 +204,34 @@ class QuantLinear(QuantModule):
         self.in_features = fl.in_features
         self.out_features = fl.out_features
 
+    channel_axis = -1
+
+    def has_integer_op(self) -> bool:
+        return True
+
     def op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, w, b)
+
+    def integer_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w)
 
     def macs_per_sample(self, out_shape: torch.Size) -> int:
         return int(self.weight.shape[1] * torch.Size(out_shape[1:]).numel())
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class _InputRecorder(OpOverride):
+    """OpOverride that also keeps the input tensor the op received (``seen``)."""
+
+    seen: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in OP_FUNCS and not self.done:
+            first = args[0] if args else (kwargs or {}).get("input")
+            self.seen = first if isinstance(first, torch.Tensor) else None
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 class _CustomForward(QuantModule):
@@ -157,6 +242,21 @@ class _CustomForward(QuantModule):
     still read their shapes). ``record`` is what the probe pass saw the op receive: the weight
     and bias the op really used become this layer's float ``weight`` / ``bias``.
     """
+
+    def has_integer_op(self) -> bool:
+        """The user's forward returns the op's output (it may pad or reshape the input, e.g.
+        TF-style 'same' padding, which zero-pads the centred codes as the kernel pads with z_x)."""
+        return bool(self.output_is_op)
+
+    def integer_op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The user's forward on codes; notes whether the op saw another tensor than ``x`` (a
+        Pad in front of the exported Conv: the export leaves that bias float, see
+        ``integer.float_bias_codes``)."""
+        mode = _InputRecorder(w, None)
+        with mode:
+            y = self.inner(x)
+        self._op_input_changed = mode.seen is not None and mode.seen is not x
+        return y
 
     def __init__(self, fl: nn.Module, w_spec: QuantSpec, a_spec: QuantSpec, record: OpRecord) -> None:
         super().__init__(fl, w_spec, a_spec)
