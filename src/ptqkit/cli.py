@@ -208,7 +208,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 model = source.load()
             with stages.stage("calibration data"):
                 calib = _calibration(args, source, recipe, n)
-            with stages.stage("quantize"), stages.forward("ptqkit.pipeline"):
+            with stages.stage("quantize"), stages.forward("ptqkit.pipeline",
+                                                            "ptqkit.algorithms.sensitivity"):
                 qmodel = quantize(model, calib, run_recipe)
             report = getattr(qmodel, "report", None)
             if report is not None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -155,7 +157,7 @@ def _planner(tiny: nn.Module, data: torch.Tensor) -> tuple[nn.Module, Planner]:
     return q, Planner(q, calib, ref, "auto", range_tuner())
 
 
-def test_suffix_pass_equals_full_pass(tiny: nn.Module, tiny_data, monkeypatch) -> None:
+def test_suffix_pass_equals_full_pass(tiny: nn.Module, tiny_data, monkeypatch, caplog) -> None:
     q = _prepared(tiny, tiny_data)
     calib = CalibrationData(tiny_data, batch_size=16)
     with torch.no_grad():
@@ -164,7 +166,11 @@ def test_suffix_pass_equals_full_pass(tiny: nn.Module, tiny_data, monkeypatch) -
     names = list(quant_layers(q))
     req = sensitivity.TableRequest([(8, 8), (3, 3)], {n: [(8, 8), (3, 3)] for n in names}, "kl",
                                    range_tuner())
-    fast, states = sensitivity.measure_table(q, calib, ref, req)
+    with caplog.at_level(logging.INFO, logger=sensitivity.__name__):
+        fast, states = sensitivity.measure_table(q, calib, ref, req)
+    lines = [r.getMessage() for r in caplog.records if r.name == sensitivity.__name__]
+    assert lines[-1].startswith(f"sensitivity table: {2 * len(names)}/{2 * len(names)} entries "
+                                f"({len(names)}/{len(names)} layers)") and "ETA 0 s" in lines[-1]
     monkeypatch.setattr(sensitivity.SuffixRunner, "_split", lambda self, layer: None)
     slow, _ = sensitivity.measure_table(q, calib, ref, req)
     np.testing.assert_allclose(fast.loss, slow.loss, rtol=1e-4, atol=1e-9)

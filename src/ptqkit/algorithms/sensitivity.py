@@ -10,6 +10,7 @@ All other layers stay float while one is measured, so the cached prefix is exact
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -202,8 +203,10 @@ def measure_table(model: nn.Module, calib: CalibrationData, float_out: list[torc
     runner = SuffixRunner(model, calib)
     loss = np.zeros((len(layers), len(request.options)))
     states: dict[tuple[str, Option], LayerState] = {}
-    bar = tqdm(total=sum(len(v) for v in request.allowed.values()), desc="sensitivity",
-               disable=None, leave=False)
+    total = sum(len(v) for v in request.allowed.values())
+    bar = tqdm(total=total, desc="sensitivity", disable=None, leave=False)
+    t0 = last = time.perf_counter()
+    done = 0
     for i, (name, layer) in enumerate(layers.items()):
         frontier = runner.cache(name)
         inputs = runner.inputs(name, frontier)
@@ -216,7 +219,13 @@ def measure_table(model: nn.Module, calib: CalibrationData, float_out: list[torc
                 loss[i, request.options.index(opt)] = calib_loss(calib, float_out, out, request.loss)
                 restore(layer, orig)
                 bar.update(1)
+                done += 1
         del frontier, inputs
+        now = time.perf_counter()
+        if now - last >= 10 or i == len(layers) - 1:  # a log line for runs off a terminal
+            last = now
+            log.info("sensitivity table: %d/%d entries (%d/%d layers), %.0f s, ETA %.0f s", done,
+                     total, i + 1, len(layers), now - t0, (now - t0) / max(done, 1) * (total - done))
     bar.close()
     allowed = np.array([[o in request.allowed[n] for o in request.options] for n in layers])
     params = [m.weight.numel() for m in layers.values()]
