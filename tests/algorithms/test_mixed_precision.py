@@ -457,3 +457,14 @@ def test_context_deltas_equal_full_passes(tiny: nn.Module, tiny_data) -> None:
                                        copy.deepcopy(q)))
         assert d == pytest.approx(full - base, rel=1e-4, abs=1e-9), (name, option)
     assert s.measured_loss(model) == base  # every layer switched back
+
+
+def test_an_infeasible_budget_fails_before_the_table_is_measured(tiny: nn.Module, tiny_data,
+                                                                 monkeypatch) -> None:
+    def no_table(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the sensitivity table was measured")
+
+    monkeypatch.setattr(Planner, "measure", no_table)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible compression"):
+        ptqkit.quantize(tiny, tiny_data, Recipe().with_steps(
+            StepSpec("mixed_precision", {"compression": 0.01})))

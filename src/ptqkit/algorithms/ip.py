@@ -29,7 +29,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 __all__ = ["Option", "SensitivityTable", "Budget", "Solution", "InfeasibleBudgetError",
            "candidate_options", "solve_ip", "ip_alternatives", "greedy_accuracy", "greedy_compression",
-           "brute_force", "SOLVERS", "TABLE_VERSION", "neighbour_mask", "local_table", "changed"]
+           "brute_force", "SOLVERS", "TABLE_VERSION", "neighbour_mask", "local_table", "changed",
+           "check_feasible"]
 
 Option = tuple[int, int]  # (w_bits, a_bits)
 TABLE_VERSION = 1
@@ -210,7 +211,7 @@ class Solution:
         return {n: table.options[i] for n, i in zip(table.layers, self.choice)}
 
 
-def _check_feasible(table: SensitivityTable, budget: Budget) -> None:
+def check_feasible(table: SensitivityTable, budget: Budget) -> None:
     smallest = table.extreme(budget.kind, lowest=True)
     if smallest > budget.value * (1 + 1e-9) + 1e-12:
         raise InfeasibleBudgetError(budget, smallest)
@@ -231,7 +232,7 @@ def solve_ip(table: SensitivityTable, budget: Budget, time_limit: float = 60.0,
     """
     import time
 
-    _check_feasible(table, budget)
+    check_feasible(table, budget)
     t0 = time.perf_counter()
     rows, cols = np.nonzero(table.allowed)
     n, n_layers = len(rows), len(table.layers)
@@ -296,7 +297,7 @@ def _fits(table: SensitivityTable, choice: list[int], budget: Budget) -> bool:
 def greedy_accuracy(table: SensitivityTable, budget: Budget) -> Solution:
     """Greedy-accuracy baseline (section 5.4): start with every layer at its most costly option and
     repeatedly lower the least sensitive layer (the smallest loss increase of one step down)."""
-    _check_feasible(table, budget)
+    check_feasible(table, budget)
     kind = budget.kind if budget.kind != "loss" else str(table.meta.get("gain", "compression"))
     orders = [_order_by(table, k, kind) for k in range(len(table.layers))]
     pos = [0] * len(table.layers)
@@ -330,7 +331,7 @@ def greedy_compression(table: SensitivityTable, budget: Budget) -> Solution:
     cheapest option and raise the precision of the layers from the smallest (fewest parameters) to
     the largest, each to the most precise option that still meets the budget. With a loss budget
     the layers are raised until the predicted loss meets it."""
-    _check_feasible(table, budget)
+    check_feasible(table, budget)
     kind = budget.kind if budget.kind != "loss" else str(table.meta.get("gain", "compression"))
     orders = [_order_by(table, k, kind) for k in range(len(table.layers))]
     choice = [o[-1] for o in orders]
@@ -349,7 +350,7 @@ def greedy_compression(table: SensitivityTable, budget: Budget) -> Solution:
 
 def brute_force(table: SensitivityTable, budget: Budget) -> Solution:
     """Exhaustive search (tests only: O^L configurations) with the same objective as solve_ip."""
-    _check_feasible(table, budget)
+    check_feasible(table, budget)
     gain = str(table.meta.get("gain", "compression"))
     per_layer = [np.nonzero(row)[0].tolist() for row in table.allowed]
     best: tuple[float, list[int]] | None = None
@@ -360,7 +361,7 @@ def brute_force(table: SensitivityTable, budget: Budget) -> Solution:
         obj = pred["loss"] if budget.kind != "loss" else pred[gain]
         if best is None or obj < best[0] - 1e-12:
             best = (obj, list(choice))
-    if best is None:  # cannot happen after _check_feasible, but keep the error readable
+    if best is None:  # cannot happen after check_feasible, but keep the error readable
         raise InfeasibleBudgetError(budget, table.extreme(budget.kind))
     return Solution(best[1], "brute-force", "optimal", table.evaluate(best[1]), budget)
 

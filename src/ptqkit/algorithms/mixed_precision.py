@@ -36,6 +36,7 @@ from .ip import (
     Solution,
     candidate_options,
     changed,
+    check_feasible,
     ip_alternatives,
     local_table,
     neighbour_mask,
@@ -50,6 +51,7 @@ from .sensitivity import (
     measure_in_context,
     measure_table,
     restore,
+    sizes_table,
     snapshot,
 )
 
@@ -582,6 +584,9 @@ class MixedPrecision(Step[MixedPrecisionOptions]):
         if o.load_table:
             planner.use_table(SensitivityTable.load(o.load_table))
         else:
+            if o.max_drop is None and o.budget().kind in ("compression", "bops"):
+                # fail in seconds, not after the table: the sizes alone decide feasibility
+                check_feasible(sizes_table(ctx.qmodel, ctx.calib, options, allowed), o.budget())
             planner.measure(options, allowed)
         assert planner.table is not None
         planner.table.meta["gain"] = o.gain

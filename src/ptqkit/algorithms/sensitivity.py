@@ -31,7 +31,7 @@ from ..nn.prepare import set_layer_bits
 from .ip import Option, SensitivityTable
 
 __all__ = ["SuffixRunner", "LayerState", "snapshot", "restore", "OptionTuner", "calib_loss",
-           "measure_table", "TableRequest", "measure_in_context", "Switch"]
+           "measure_table", "TableRequest", "measure_in_context", "Switch", "sizes_table"]
 
 log = logging.getLogger(__name__)
 Frontier = list[dict[Any, torch.Tensor]]
@@ -233,6 +233,18 @@ def measure_table(model: nn.Module, calib: CalibrationData, float_out: list[torc
                              np.array(_macs(model, layers, calib)), allowed,
                              {"loss": request.loss, "calib_samples": calib.num_samples})
     return table, states
+
+
+def sizes_table(model: nn.Module, calib: CalibrationData, options: list[Option],
+                allowed: dict[str, list[Option]]) -> SensitivityTable:
+    """The table's sizes (params, MACs, allowed options) with zero losses: enough to check a
+    compression or BOPs budget before anything is measured (one forward pass for the MACs)."""
+    modules = dict(model.named_modules())
+    layers: dict[str, QuantModule] = {n: modules[n] for n in allowed}  # type: ignore[misc]
+    ok = np.array([[o in allowed[n] for o in options] for n in layers])
+    return SensitivityTable(list(layers), list(options), np.zeros(ok.shape),
+                            np.array([m.weight.numel() for m in layers.values()]),
+                            np.array(_macs(model, layers, calib)), ok, {})
 
 
 @torch.no_grad()
