@@ -219,9 +219,10 @@ def _input_ranges(ctx: Context, names: list[str], max_samples: int) -> dict[str,
 def equalize_pairs(ctx: Context, pairs: list[Pair], opts: EqualizeOptions) -> None:
     """Rescale every pair, ``opts.iters`` sweeps (float weights; quantizers are not touched)."""
     layers = ctx.layers()
+    # activation ranges are measured once: channel i of L2's input then scales exactly by 1/s_i
+    act = (_input_ranges(ctx, [p.second for p in pairs], opts.max_samples)
+           if opts.criterion == "activations" else {})
     for _ in range(opts.iters):
-        act = (_input_ranges(ctx, [p.second for p in pairs], opts.max_samples)
-               if opts.criterion == "activations" else {})
         for p in pairs:
             first, second = layers[p.first], layers[p.second]
             r1 = act[p.second] if opts.criterion == "activations" else _r1(first)
@@ -230,6 +231,8 @@ def equalize_pairs(ctx: Context, pairs: list[Pair], opts: EqualizeOptions) -> No
             s = torch.where(ok, (r1.clamp(min=1e-12) / r2.clamp(min=1e-12)).sqrt(),
                             torch.ones_like(r1))
             _scale(first, second, s.to(first.weight.dtype))
+            if p.second in act:
+                act[p.second] = act[p.second] / s
 
 
 def _pads(layer: QuantModule) -> bool:
@@ -258,8 +261,8 @@ def absorb_biases(ctx: Context, pairs: list[Pair]) -> int:
         second.ensure_bias()
         axis = int(_in_axis(second) or 0)
         w = second.weight.detach()
-        shift = (w.sum(dim=tuple(range(2, w.dim()))) * c if axis == 0 and w.dim() > 2 else
-                 (w.reshape(w.shape[0], w.shape[1], -1).sum(dim=2) @ c if w.dim() > 2 else w @ c))
+        k = w.reshape(w.shape[0], w.shape[1], -1).sum(dim=2)  # (out, in) summed over the kernel
+        shift = k[:, 0] * c if axis == 0 else k @ c  # depthwise: one input channel per output
         assert second.bias is not None
         second.bias.add_(shift.reshape(-1))
         moved += 1

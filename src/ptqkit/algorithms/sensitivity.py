@@ -227,11 +227,9 @@ def measure_table(model: nn.Module, calib: CalibrationData, float_out: list[torc
             log.info("sensitivity table: %d/%d entries (%d/%d layers), %.0f s, ETA %.0f s", done,
                      total, i + 1, len(layers), now - t0, (now - t0) / max(done, 1) * (total - done))
     bar.close()
-    allowed = np.array([[o in request.allowed[n] for o in request.options] for n in layers])
-    params = [m.weight.numel() for m in layers.values()]
-    table = SensitivityTable(list(layers), list(request.options), loss, np.array(params),
-                             np.array(_macs(model, layers, calib)), allowed,
-                             {"loss": request.loss, "calib_samples": calib.num_samples})
+    table = sizes_table(model, calib, list(request.options), request.allowed)
+    table.loss = loss
+    table.meta = {"loss": request.loss, "calib_samples": calib.num_samples}
     return table, states
 
 
