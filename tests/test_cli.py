@@ -98,3 +98,16 @@ def test_run_with_output_quantizers_reloads(user_model, tmp_path: Path) -> None:
     qmodel, _, meta = load_run(out)
     assert meta["output_bits"] and all(qmodel.get_submodule(n).o_quant is not None
                                        for n in meta["output_bits"])
+
+
+def test_recipe_by_name_loads_the_shipped_recipe(user_model, tmp_path: Path, capsys) -> None:
+    net, weights, calib = user_model
+    out = tmp_path / "run"
+    assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+                 "--recipe", "fast", "--w-bits", "8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["w_range"] == "percentile" and report["recipe"]["w_symmetric"] is False
+    assert main(["quantize", f"{net}:make", "--weights", str(weights), "--calib", str(calib),
+                 "--recipe", "no-such-recipe", "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-such-recipe" in err[0] and not (tmp_path / "r2").exists()

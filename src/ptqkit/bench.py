@@ -195,9 +195,14 @@ def _ort_peer(method: str) -> Callable[[Suite, BenchConfig], dict[str, Any]]:
     return run
 
 
-def _deploy(suite: Suite, cfg: BenchConfig) -> dict[str, Any]:
+DEPLOY_PREFIX = "deploy:"  # "deploy:<method>": the deploy row of a named method or recipe file
+
+
+def _deploy(suite: Suite, cfg: BenchConfig, base: Recipe | None = None) -> dict[str, Any]:
+    """The deploy row (export/deploy_bench.py) of ``base``, default the default recipe."""
     from .export.deploy_bench import LatencySpec, deploy_recipe, deploy_row
-    return deploy_row(suite, cfg, deploy_recipe(suite, cfg), LatencySpec(threads=cfg.latency_threads))
+    return deploy_row(suite, cfg, deploy_recipe(suite, cfg, base=base),
+                      LatencySpec(threads=cfg.latency_threads))
 
 
 RUNNERS.update({m: _ort_peer(m) for m in ("ort-minmax", "ort-entropy", "ort-percentile")})
@@ -221,6 +226,9 @@ def run_method(suite: Suite, method: str, cfg: BenchConfig) -> dict[str, Any]:
                            **({"holdout": cfg.holdout} if cfg.holdout else {})}
     if method in RUNNERS:
         return {**row, **RUNNERS[method](suite, cfg)}
+    if method.startswith(DEPLOY_PREFIX):
+        dep = _deploy(suite, cfg, _method(method.removeprefix(DEPLOY_PREFIX))(cfg))
+        return {**row, **dep, "method": method + dep["method"].removeprefix("deploy")}
     recipe = _method(method)(cfg)
     calib = suite.calib(cfg.calib_size, cfg.seed)
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -266,7 +274,7 @@ def run_bench(suite_name: str, methods: list[str], cfg: BenchConfig) -> list[dic
         raise ValueError(f"unknown suite {suite_name!r}; expected one of {', '.join(sorted(SUITES))}")
     for m in methods:
         if m not in RUNNERS:
-            _method(m)  # unknown names and unreadable recipe files fail before any work
+            _method(m.removeprefix(DEPLOY_PREFIX))  # unknown names, unreadable files: before any work
     if cfg.holdout and suite_name != "imagenet-efficientnet-lite0":
         raise ValueError("--holdout is available for imagenet-efficientnet-lite0 only; the zoo "
                          "suites calibrate on train images and evaluate on their test split")

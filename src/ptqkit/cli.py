@@ -26,7 +26,8 @@ __all__ = ["main", "build_parser"]
 
 def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe (flags override --recipe)")
-    g.add_argument("--recipe", help="YAML recipe file")
+    g.add_argument("--recipe", help="YAML recipe file, or a named recipe: fast, balanced, best "
+                   "or any ptqkit bench method")
     g.add_argument("--pipeline", choices=sorted(PRESETS), help="recipe preset")
     g.add_argument("--w-bits", type=int, help="weight bits (2..8)")
     g.add_argument("--a-bits", type=int, help="activation bits (2..8)")
@@ -89,9 +90,20 @@ def _step_flags(args: argparse.Namespace, base: Recipe) -> list[str]:
     return wanted
 
 
+def recipe_path(value: str) -> Path:
+    """The YAML file of ``--recipe``: a path, or the name of a recipe shipped in ptqkit/recipes."""
+    path = Path(value)
+    if path.exists():
+        return path
+    if value in bench_mod.METHODS:
+        return bench_mod.RECIPES_DIR / f"{value}.yaml"
+    raise ValueError(f"--recipe {value}: no such file; give a YAML recipe file or a named recipe "
+                     f"({', '.join(sorted(bench_mod.METHODS))})")
+
+
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """Start from the YAML recipe or preset, then apply the flags that were given."""
-    base = Recipe.from_yaml(args.recipe) if args.recipe else Recipe()
+    base = Recipe.from_yaml(recipe_path(args.recipe)) if args.recipe else Recipe()
     if args.pipeline:
         base = Recipe.preset(args.pipeline, **{k: v for k, v in base.to_dict().items() if k != "steps"})
     d: dict[str, Any] = base.to_dict()
@@ -199,7 +211,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)
     n = _calib_size(args)
     source = ModelSource(args.model, args.weights).resolved()
-    inputs = [*source.files(), *(Path(p) for p in (args.calib, args.recipe, args.data_dir) if p)]
+    inputs = [*source.files(), *(Path(p) for p in (args.calib, args.data_dir) if p),
+              *([recipe_path(args.recipe)] if args.recipe else [])]
     stages = StageLog()
     with RunStage(args.out, args.force, inputs) as stage:  # the output is checked before the work
         run_recipe, moves = _with_tables(recipe, args, stage, inputs)
@@ -375,7 +388,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _calib_study(args, methods, cfg)
     rows = bench_mod.run_bench(args.suite, methods, cfg)
     print(bench_mod.markdown_table(rows))
-    if args.deploy:
+    if any(m == "deploy" or m.startswith(bench_mod.DEPLOY_PREFIX) for m in methods):
         from .export.deploy_bench import deploy_markdown
         print(deploy_markdown(rows))
     if args.json:
@@ -460,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="run a benchmark suite")
     b.add_argument("--suite", required=True, help=f"one of {', '.join(sorted(bench_mod.SUITES))}")
-    b.add_argument("--methods", help="comma-separated method names or recipe files (.yaml)")
+    b.add_argument("--methods", help="comma-separated method names or recipe files (.yaml); "
+                   "deploy:<method> adds the --deploy row of that method")
     b.add_argument("--deploy", action="store_true", help="add ONNX Runtime latency/size/parity row")
     b.add_argument("--latency-threads", type=int, default=2,
                    help="ONNX Runtime intra-op threads for the --deploy latencies (default 2)")

@@ -156,3 +156,32 @@ def test_deploy_row_reports_cpu_closeness_to_float_and_b1_b32(monkeypatch, w_bit
     assert len(table.splitlines()) == 5 and table.count("ptqkit") == 1
     ours = table.splitlines()[-1].split("|")
     assert ours[10].strip() == f"{row['packed_bytes'] / 1024:.0f}"  # packed KB beside the ONNX KB
+
+
+def test_deploy_recipe_of_a_named_method_keeps_its_ranges_and_steps():
+    from ptqkit.bench import METHODS, BenchConfig
+    from ptqkit.export.deploy_bench import deploy_recipe
+
+    cfg = BenchConfig(w_bits=8, a_bits=8, calib_size=16)
+    base = METHODS["aciq+bc"](cfg)
+    r = deploy_recipe(_suite(), cfg, cpu=VNNI, base=base)
+    assert (r.w_range, r.a_range, r.w_symmetric) == (base.w_range, base.a_range, base.w_symmetric)
+    assert [s.name for s in r.steps] == [s.name for s in base.steps] + ["int_outputs"]
+    old = deploy_recipe(_suite(), cfg, cpu=NO_VNNI, base=base)
+    assert (old.w_bits, old.w_symmetric, old.w_range) == (7, True, base.w_range)
+    assert [s.name for s in old.steps] == [s.name for s in r.steps]
+
+
+def test_bench_deploy_prefix_runs_the_deploy_row_of_that_method(monkeypatch):
+    import ptqkit.bench as bench
+    import ptqkit.export.deploy_bench as db
+
+    seen = []
+    monkeypatch.setattr(db, "deploy_row", lambda suite, cfg, recipe, spec: (
+        seen.append(recipe), {"method": "deploy (label)", "agreement": 1.0})[1])
+    cfg = bench.BenchConfig(w_bits=8, a_bits=8, calib_size=16)
+    row = bench.run_method(_suite(), "deploy:percentile", cfg)
+    assert row["method"] == "deploy:percentile (label)"
+    assert seen[0].w_range == "percentile" and seen[0].steps[-1].name == "int_outputs"
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        bench.run_bench("fmnist-resnet20", ["deploy:nope"], cfg)

@@ -10,6 +10,7 @@ timed runs is kept (interleaving makes the ratios fair when the machine is loade
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
@@ -325,11 +326,12 @@ def _reduce_range(cpu: dict[str, Any]) -> bool:
     return bool(cpu["x86"] and not cpu["vnni"])
 
 
-def deploy_recipe(suite: Any, cfg: Any, cpu: dict[str, Any] | None = None) -> Any:
-    """The recipe of the deployed ptqkit model for ``cfg``: the default recipe (mse ranges,
-    automatic weight symmetry) at the row's bits, first/last policy and seed, then the
-    int_outputs step, so that ONNX Runtime runs every layer, residual add and pooling in integer
-    kernels.
+def deploy_recipe(suite: Any, cfg: Any, cpu: dict[str, Any] | None = None,
+                  base: Any = None) -> Any:
+    """The recipe of the deployed ptqkit model for ``cfg``: ``base`` (default: the default
+    recipe, mse ranges and automatic weight symmetry, at the row's bits, first/last policy and
+    seed), then the int_outputs step, so that ONNX Runtime runs every layer, residual add and
+    pooling in integer kernels.
 
     On x86 CPUs without VNNI (``cpu``, default this machine's :func:`cpu_info`) weights are
     symmetric and at most 7 bits (ONNX Runtime's ``reduce_range``): the U8S8 kernels there add
@@ -337,17 +339,17 @@ def deploy_recipe(suite: Any, cfg: Any, cpu: dict[str, Any] | None = None) -> An
     ``first_last_8bit`` the first and last layers then keep 8-bit inputs and 7-bit weights.
     """
     cpu = cpu if cpu is not None else cpu_info()
+    base = base if base is not None else cfg.recipe()
     if not _reduce_range(cpu):
-        return cfg.recipe().with_steps("int_outputs")
+        return base.with_steps("int_outputs")
     from ..nn.prepare import LayerPolicy, prepare
-    from ..pipeline import Recipe
 
     calib = suite.calib(cfg.calib_size, cfg.seed)
     prepared = prepare(suite.float_model, LayerPolicy(), lambda m: calib.forward(m, calib.batches[0]))
     order: list[str] = list(prepared.ptq.layer_order)  # type: ignore[union-attr, arg-type]
     overrides = {order[0]: (7, 8), order[-1]: (7, 8)} if cfg.first_last_8bit else {}
-    return Recipe(w_bits=min(cfg.w_bits, 7), a_bits=cfg.a_bits, w_symmetric=True,
-                  first_last_8bit=False, overrides=overrides, seed=cfg.seed).with_steps("int_outputs")
+    return dataclasses.replace(base, w_bits=min(base.w_bits, 7), w_symmetric=True,
+                               first_last_8bit=False, overrides=overrides).with_steps("int_outputs")
 
 
 def checkpoint_sizes(float_model: nn.Module, qmodel: nn.Module, out: Path) -> dict[str, Any]:
