@@ -349,7 +349,8 @@ def deploy_recipe(suite: Any, cfg: Any, cpu: dict[str, Any] | None = None,
     order: list[str] = list(prepared.ptq.layer_order)  # type: ignore[union-attr, arg-type]
     overrides = {order[0]: (7, 8), order[-1]: (7, 8)} if cfg.first_last_8bit else {}
     return dataclasses.replace(base, w_bits=min(base.w_bits, 7), w_symmetric=True,
-                               first_last_8bit=False, overrides=overrides).with_steps("int_outputs")
+                               first_last_8bit=False,
+                               overrides={**base.overrides, **overrides}).with_steps("int_outputs")
 
 
 def checkpoint_sizes(float_model: nn.Module, qmodel: nn.Module, out: Path) -> dict[str, Any]:
