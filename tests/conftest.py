@@ -13,6 +13,24 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["PTQKIT_STATE"] = tempfile.mkdtemp(prefix="ptqkit-state-")
 
 
+def ort_saturates() -> bool:
+    """True on x86 CPUs without VNNI, where ONNX Runtime's U8S8 integer kernels add u8 x s8
+    pairs in saturating int16: tests that compare ONNX Runtime with the simulation then use
+    7-bit weights everywhere, as ptqkit's deploy recipe does on such CPUs."""
+    from ptqkit.export.onnx import cpu_info
+
+    cpu = cpu_info()
+    return bool(cpu["x86"] and not cpu["vnni"])
+
+
+def ort_safe(w_bits: int = 8, **recipe: object) -> dict[str, object]:
+    """Recipe fields for an ONNX Runtime parity test: ``w_bits`` and ``recipe`` as given, or on
+    a CPU where ``ort_saturates``, at most 7-bit weights and no 8-bit first/last layers."""
+    if ort_saturates():
+        return {**recipe, "w_bits": min(w_bits, 7), "first_last_8bit": False}
+    return {**recipe, "w_bits": w_bits}
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

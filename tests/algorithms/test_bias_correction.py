@@ -10,11 +10,15 @@ from ptqkit.algorithms.base import Context, Report
 from ptqkit.algorithms.bias_correction import (
     BiasCorrection,
     BiasCorrectionOptions,
+    _linear_in_x,
     _plan,
     _undo_handle,
     banner_correction,
     calibration_kl,
+    channel_rows,
     checked_xi,
+    mean_output_errors,
+    summed_error,
 )
 from ptqkit.calib.data import CalibrationData
 from ptqkit.nn.control import quantizers_disabled
@@ -210,6 +214,19 @@ def test_guard_never_raises_the_calibration_loss(tiny: nn.Module, tiny_data: tor
 
 
 @torch.no_grad()
+def test_statistics_pass_caches_the_float_reference(tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    """On a fresh context the float pass of the statistics also caches the float logits, which
+    the guard then compares against: they are the float model's own outputs."""
+    ctx = _tiny_ctx(tiny, tiny_data)
+    assert ctx.cache.float_outputs is None
+    summary = BiasCorrection(BiasCorrectionOptions("empirical", robust=False)).run(ctx)
+    cached = torch.cat(ctx.cache.float_outputs)
+    assert_close(cached, tiny(tiny_data), rtol=1e-5, atol=1e-6)
+    fresh = _tiny_ctx(tiny, tiny_data)
+    assert summary["kl_before"] == pytest.approx(calibration_kl(fresh), rel=1e-5)
+
+
+@torch.no_grad()
 def test_undo_restores_weights_scales_and_biases_bit_exactly(tiny: nn.Module,
                                                              tiny_data: torch.Tensor) -> None:
     ctx = _tiny_ctx(tiny, tiny_data)
@@ -239,3 +256,93 @@ def test_sequential_mode_zeroes_the_mean_output_error_of_the_quantized_model(
     assert summary["mode"] == "sequential" and summary["layers"] == 3
     after = (ctx.qmodel(tiny_data) - ref).mean(0).abs().max()
     assert before > 1e-2 and after < 1e-5
+
+
+class _SamePadConv(nn.Conv2d):
+    """A Conv2d subclass that pads in its own forward (TF 'same' style), like EfficientNet's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (0, 1, 0, 1)))
+
+
+class _OffsetConv(nn.Conv2d):
+    """A Conv2d subclass whose forward is not linear in its input (it squares it first)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * x)
+
+
+def _conv_ctx(seed: int = 0):  # type: ignore[no-untyped-def]
+    """Strided, padded, grouped (depthwise), custom-forward and non-linear-forward convs and a
+    Linear, quantized at 3-bit weights; three calibration batches of uneven size."""
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8), nn.ReLU(),
+                        _SamePadConv(8, 6, 2, stride=2), _OffsetConv(6, 6, 1),
+                        nn.Flatten(), nn.LazyLinear(5)).eval()
+    batches = [torch.randn(n, 3, 12, 12, generator=g) + 0.5 for n in (7, 5, 4)]
+    net(batches[0])
+    q = ptqkit.quantize(net, batches, Recipe(w_bits=3, a_bits=8, first_last_8bit=False,
+                                             w_range="minmax", a_range="minmax"))
+    return q, Context(q, CalibrationData(batches), Report())
+
+
+@torch.no_grad()
+def test_batch_summed_mean_error_matches_the_per_sample_mean() -> None:
+    """E[op(x, D)]_c from the batch-summed input equals the mean of the per-sample errors on
+    every layer kind; the layer whose op is not linear in x is measured per sample."""
+    q, ctx = _conv_ctx()
+    layers = {n: m for n, m in quant_layers(q).items() if m.w_quant.active}
+    plans = {n: _plan(m, BiasCorrectionOptions("empirical")) for n, m in layers.items()}
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen[n].append(a[0]))
+               for n, m in layers.items()]
+    with quantizers_disabled(q):
+        for b in ctx.calib.batches:
+            q(b)
+    for h in handles:
+        h.remove()
+    fast = mean_output_errors(ctx, plans)
+    assert set(fast) == set(layers) and len(layers) == 5
+    for n, m in layers.items():
+        linear = isinstance(m, nn.Linear) or m.weight.dim() == 2
+        rows = torch.cat([channel_rows(m.op(x, plans[n].delta, None), linear) for x in seen[n]])
+        assert_close(fast[n], rows.double().mean(0).float(), rtol=1e-4, atol=1e-6)
+    for n, linear_op in (("0", True), ("5", False)):  # "5" squares its input
+        x = seen[n][0]
+        full, summed = (channel_rows(layers[n].op(v, plans[n].delta, None), False).double().sum(0)
+                        for v in (x, x.sum(0, keepdim=True)))
+        assert _linear_in_x(full, summed) == linear_op
+
+
+@torch.no_grad()
+def test_summed_error_counts_only_real_tokens() -> None:
+    """(N, T, C) token states with a mask: the batch-summed error sums over real tokens only."""
+    x = torch.randn(2, 4, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    _, _, layer, _, _ = _token_setup(torch.tensor([[0.3, 0.3], [0.55, 0.7]]),
+                                     [{"x": x, "attention_mask": mask}], 0.25)
+    delta = torch.randn(2, 2)
+    total, n = summed_error(layer, x, delta, True, mask)
+    assert n == 6
+    assert_close(total, nn.functional.linear(x[mask.bool()], delta).double().sum(0))
+
+
+@torch.no_grad()
+def test_guard_on_a_subset_uses_the_first_batches_holding_that_many_samples() -> None:
+    """calibration_kl(ctx, k) is the loss on the first batches until k samples are covered;
+    the step's guard_samples measures its guard there, and 0 is refused."""
+    from ptqkit.calib.loss import calibration_loss
+
+    q, ctx = _conv_ctx()  # batches of 7, 5 and 4 samples
+    outs = [q(b) for b in ctx.calib.batches]
+    ref = ctx.float_outputs()
+    for k, n_batches in ((1, 1), (7, 1), (8, 2), (12, 2), (13, 3), (1000, 3)):
+        assert calibration_kl(ctx, k) == pytest.approx(
+            calibration_loss(ref[:n_batches], outs[:n_batches]))
+    assert calibration_kl(ctx) == pytest.approx(calibration_loss(ref, outs))
+    assert calibration_kl(ctx, 8) != pytest.approx(calibration_kl(ctx))
+    summary = BiasCorrection(BiasCorrectionOptions("empirical", guard_samples=7)).run(ctx)
+    assert summary["kl_before"] == pytest.approx(calibration_loss(ref[:1], outs[:1]))
+    with pytest.raises(ValueError, match="guard_samples must be >= 1"):
+        BiasCorrectionOptions("empirical", guard_samples=0)

@@ -109,3 +109,22 @@ def test_fused_inference_path_is_bit_identical_to_differentiable(bits, symmetric
         fused = fake_quantize(x, scale, zp, spec)
     slow = fake_quantize(x.clone().requires_grad_(True), scale, zp, spec).detach()
     torch.testing.assert_close(fused, slow, rtol=0, atol=0)
+
+
+def test_inference_path_with_code_bounds_matches_and_leaves_input_alone() -> None:
+    """Per-channel code bounds (fewer levels on some channels) and exact .5 ties: the in-place
+    inference path equals the differentiable one bit for bit and does not write into x."""
+    g = torch.Generator().manual_seed(0)
+    spec = QuantSpec(4, False, "channel", 1)
+    scale = torch.tensor([0.5, 0.25, 0.1])
+    x = torch.randn(8, 3, 5, generator=g) * 2
+    x[0, :, 0] = torch.tensor([0.75, 0.125, 0.05])  # x / scale = 1.5, 0.5, 0.5: ties to even
+    zp = torch.tensor([3.0, 8.0, 0.0])
+    bounds = (torch.tensor([0.0, 4.0, 0.0]), torch.tensor([15.0, 11.0, 7.0]))
+    before = x.clone()
+    with torch.no_grad():
+        fast = fake_quantize(x, scale, zp, spec, bounds)
+    slow = fake_quantize(x.clone().requires_grad_(True), scale, zp, spec, bounds).detach()
+    assert torch.equal(fast, slow) and torch.equal(x, before)
+    codes = quantize_int(x, scale, zp, spec, bounds)
+    assert torch.equal(fast, (codes - zp.reshape(1, 3, 1)) * scale.reshape(1, 3, 1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.conftest import ort_safe, ort_saturates
 from torch import nn
 
 import ptqkit
@@ -44,9 +45,13 @@ def _out_lsb(y: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("model_fn", ["tiny", "chain"])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4), (3, 5)])
-def test_ort_matches_simulated_within_2_lsb(tiny, tiny_data, tmp_path, model_fn, bits):
+def test_ort_matches_simulated_within_2_lsb(tiny, tiny_data, tmp_path, model_fn, bits, request):
+    if bits[1] < 8 and ort_saturates():
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "known gap: on x86 CPUs without VNNI, ONNX Runtime's integer kernels differ from the "
+            "simulation by 3-10 output LSB when activations are below 8 bits")))
     model = tiny if model_fn == "tiny" else ConvChain().eval()
-    qmodel = ptqkit.quantize(model, tiny_data, ptqkit.Recipe(w_bits=bits[0], a_bits=bits[1], **FAST))
+    qmodel = ptqkit.quantize(model, tiny_data, ptqkit.Recipe(a_bits=bits[1], **ort_safe(bits[0], **FAST)))
     path = tmp_path / "m.onnx"
     export_onnx(qmodel, path, tiny_data[:1])
     with torch.no_grad():
@@ -121,7 +126,7 @@ class Relu6Head(nn.Module):
 def test_relu6_before_pooling_is_dropped_and_pooling_fuses(tiny_data, tmp_path):
     """The conv's output grid is [0, 6] (step 6/255): in float32 the DQ never exceeds 6, so the
     Clip is a no-op, and DQ -> GlobalAveragePool -> Q fuses into QLinearGlobalAveragePool."""
-    recipe = ptqkit.Recipe(first_last_8bit=False, **FAST).with_steps("int_outputs")
+    recipe = ptqkit.Recipe(**ort_safe(8, first_last_8bit=False, **FAST)).with_steps("int_outputs")
     qmodel = ptqkit.quantize(Relu6Head().eval(), tiny_data, recipe)
     s, z = quant_layers(qmodel)["conv"].o_quant.qparams()
     assert int(z) == 0 and float(s) * 255 > 6.0  # 6/255 in float32, times 255 in float64

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.conftest import ort_safe
 from torch import nn
 
 import ptqkit
@@ -183,8 +184,8 @@ def _mbnet(seed: int) -> nn.Module:
 @pytest.mark.parametrize("seed,w_symmetric", [(0, None), (1, None), (2, False)])
 def test_onnxruntime_matches_simulation_within_one_lsb(seed, w_symmetric, tmp_path):
     x = torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-    recipe = ptqkit.Recipe(w_bits=8, a_bits=8, w_symmetric=w_symmetric, w_range="minmax",
-                           a_range="minmax").with_steps("int_outputs")
+    recipe = ptqkit.Recipe(a_bits=8, **ort_safe(8, w_symmetric=w_symmetric, w_range="minmax",
+                                                a_range="minmax")).with_steps("int_outputs")
     qmodel = ptqkit.quantize(_mbnet(seed), x[:32], recipe)
     export_onnx(qmodel, tmp_path / "m.onnx", x[:1])
     ops = optimized_op_counts(tmp_path / "m.onnx", tmp_path)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import torch
 from torch import nn
 
-from ..calib.data import CalibrationData
+from ..calib.data import CalibrationData, batch_size_of
 from ..calib.loss import calibration_loss
 from ..nn.control import FloatWeights, float_weights, original_float
 from ..nn.modules import QuantModule, quant_layers
@@ -325,8 +325,14 @@ def all_zero(outputs: list[torch.Tensor]) -> bool:
 
 
 @torch.no_grad()
-def calibration_kl(ctx: Context) -> float:
+def calibration_kl(ctx: Context, max_samples: int | None = None) -> float:
     """:func:`~ptqkit.calib.loss.calibration_loss` (the KL) of ``ctx.qmodel`` against the float
-    outputs on the calibration set."""
-    return calibration_loss(ctx.float_outputs(),
-                            (ctx.calib.forward(ctx.qmodel, b) for b in ctx.calib.batches))
+    outputs on the calibration set; with ``max_samples``, on its first batches only, as many as
+    hold at least that many samples (always at least one batch)."""
+    batches = ctx.calib.batches
+    if max_samples is not None:
+        seen, k = 0, 0
+        while k < len(batches) and (k == 0 or seen < max_samples):
+            seen, k = seen + batch_size_of(batches[k]), k + 1
+        batches = batches[:k]
+    return calibration_loss(ctx.float_outputs(), (ctx.calib.forward(ctx.qmodel, b) for b in batches))

@@ -12,7 +12,8 @@ Empirical variant: b_c <- b_c - E[(W_repr - W) x]_c, the calibration-set mean of
 output error (optionally including its input quantizer: E[op(Q_a(x), W_repr) - op(x, W)]).
 
 Statistics are gathered in one pass of the float model (inputs of every layer are float), before
-anything is modified.
+anything is modified. Without the input quantizer the error op(x, D) is linear in x, so its sum
+over a batch is op(sum_n x_n, D): one sample's cost per batch instead of N (``summed_error``).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from ..nn.modules import QuantLinear, QuantModule
 from .base import Context, Step, calibration_kl, register_step
 
 __all__ = ["MODES", "banner_correction", "channel_rows", "channel_mean", "robust_shift_mask",
-           "checked_xi", "centred_mse", "token_mask_of", "calibration_kl", "sequential_correction",
-           "BiasCorrectionOptions", "BiasCorrection"]
+           "checked_xi", "centred_mse", "summed_error", "token_mask_of", "calibration_kl",
+           "sequential_correction", "BiasCorrectionOptions", "BiasCorrection"]
 
 log = logging.getLogger(__name__)
 MODES = ("both", "banner", "empirical", "sequential")
@@ -98,16 +99,23 @@ class BiasCorrectionOptions:
     left after the bias shift (``checked_xi``) and its bias shift only where it also lowers the
     absolute output error (``robust_shift_mask``); two more float passes. guard undoes the
     whole correction if it raises the calibration loss (KL of the model outputs to the float
-    ones): the per-layer statistics use float inputs and cannot see how errors compound."""
+    ones): the per-layer statistics use float inputs and cannot see how errors compound.
+    guard_samples: measure that loss on the first calibration batches holding this many samples
+    (None: all of them); the two guard passes of the quantized model are most of the step's cost
+    when the statistics are cheap."""
 
     mode: str = "both"
     activations: bool = False
     robust: bool = True
     guard: bool = True
+    guard_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown bias-correction mode {self.mode!r}; expected one of {MODES}")
+        if self.guard_samples is not None and self.guard_samples < 1:
+            raise ValueError(f"guard_samples must be >= 1 or null (all samples), got "
+                             f"{self.guard_samples}")
 
 
 @dataclass
@@ -167,17 +175,56 @@ def _layer_error(mod: QuantModule, x: torch.Tensor, plan: _Plan) -> torch.Tensor
 Collector = Callable[[QuantModule, torch.Tensor, "torch.Tensor | None"], None]
 
 
+def summed_error(mod: QuantModule, x: torch.Tensor, delta: torch.Tensor, linear: bool,
+                 mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Per-channel sum (C,) float64 of op(x, D) over every (real) position of a batch, and the
+    number of positions, computed on the batch-summed input: sum_n op(x_n, D) = op(sum_n x_n, D)
+    for an op linear in x (convolution with zero padding, linear), so the cost is that of one
+    sample instead of N. x: (N, ...) the layer's input; mask: (N, T) real tokens or None."""
+    if linear and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        keep = mask.to(x.dtype).unsqueeze(-1)
+        xs, n = (x * keep).sum(dim=0, keepdim=True, dtype=torch.float64), int(mask.sum())
+        y = mod.op(xs.to(x.dtype), delta, None)
+        return y.sum(dim=tuple(range(y.dim() - 1)), dtype=torch.float64), n
+    xs = x.sum(dim=0, keepdim=True, dtype=torch.float64).to(x.dtype)
+    y = mod.op(xs, delta, None)
+    rows = channel_rows(y, linear)
+    return rows.sum(dim=0, dtype=torch.float64), rows.shape[0] * x.shape[0]
+
+
+LINEARITY_RTOL = 1e-3  # the batch-summed error must match the per-sample one this closely
+
+
+def _linear_in_x(full: torch.Tensor, summed: torch.Tensor) -> bool:
+    """Whether the batch-summed channel sums ``summed`` reproduce the per-sample ones ``full``
+    (both (C,)): to LINEARITY_RTOL of the largest channel sum (float32 round-off passes, an op
+    that is not linear in its input, e.g. a custom forward adding a constant, does not)."""
+    tol = LINEARITY_RTOL * float(full.abs().max()) + 1e-12
+    return bool((full - summed).abs().max() <= tol)
+
+
 def _error_collector(layer: QuantModule, plan: _Plan, acc: dict[str, Any]) -> Collector:
     """Per-channel statistics of the plan's output error over the real positions of a batch:
     first the sum (pass 1), then, once acc['mean'] is known, the absolute error without and
-    with the shift (the robust check)."""
+    with the shift (the robust check).
+
+    Without the input quantizer in the error (plan.with_acts False) the error op(x, D) is
+    linear in x, and the sum of pass 1 is taken on the batch-summed input (``summed_error``),
+    after the first batch has checked that it reproduces the per-sample sum for this layer."""
     linear = isinstance(layer, QuantLinear)
 
     def collect(mod: QuantModule, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if "mean" not in acc and acc.get("summed", False):
+            total, n = summed_error(mod, x, plan.delta, linear, mask)
+            acc["sum"], acc["count"] = acc["sum"] + total, acc["count"] + n
+            return
         rows = channel_rows(_layer_error(mod, x, plan), linear, mask).double()
         if "mean" not in acc:
             acc["sum"] = acc.get("sum", 0) + rows.sum(dim=0)
             acc["count"] = acc.get("count", 0) + rows.shape[0]
+            if "summed" not in acc:  # the first batch decides, for every later batch
+                acc["summed"] = (not plan.with_acts and _linear_in_x(
+                    rows.sum(dim=0), summed_error(mod, x, plan.delta, linear, mask)[0]))
         else:
             acc["abs_before"] = acc.get("abs_before", 0) + rows.abs().sum(dim=0)
             acc["abs_after"] = acc.get("abs_after", 0) + (rows - acc["mean"]).abs().sum(dim=0)
@@ -204,9 +251,13 @@ def _xi_collector(layer: QuantModule, xi: torch.Tensor, acc: dict[str, Any]) -> 
 @torch.no_grad()
 def _stats_pass(ctx: Context, collectors: dict[str, Collector], desc: str) -> None:
     """One pass of the float model over the calibration set; each named layer's collector sees
-    its float input and the batch's token mask (None for non-token batches)."""
+    its float input and the batch's token mask (None for non-token batches). When the float
+    reference logits are not cached yet and the weights are still the original float ones, the
+    pass caches them too (``Context.float_outputs`` then costs nothing)."""
     layers = ctx.layers()
     state: dict[str, Any] = {}
+    record = ctx.cache.float_outputs is None and ctx.cache.float_weights is None
+    outputs: list[torch.Tensor] = []
 
     def hook(name: str):  # type: ignore[no-untyped-def]
         return lambda mod, args: collectors[name](mod, args[0].detach(), state.get("mask"))
@@ -216,10 +267,14 @@ def _stats_pass(ctx: Context, collectors: dict[str, Collector], desc: str) -> No
         with quantizers_disabled(ctx.qmodel):
             for batch in tqdm(ctx.calib.batches, desc=desc, leave=False, disable=None):
                 state["mask"] = token_mask_of(batch)
-                ctx.calib.forward(ctx.qmodel, batch)
+                out = ctx.calib.forward(ctx.qmodel, batch)
+                if record:
+                    outputs.append(out)
     finally:
         for h in handles:
             h.remove()
+    if record:
+        ctx.cache.float_outputs = outputs
 
 
 @torch.no_grad()
@@ -366,20 +421,21 @@ class BiasCorrection(Step[BiasCorrectionOptions]):
     effects = frozenset({"tunes_ranges", "changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        ctx.float_outputs()  # cache the float reference before weights are rescaled
+        if self.options.mode == "sequential" or ctx.cache.float_weights is not None:
+            ctx.float_outputs()  # cache the float reference before weights are rescaled
         layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active}
         plans = {n: _plan(layer, self.options) for n, layer in layers.items()}
         if self.options.robust and self.options.mode in ("both", "banner"):
             xis = checked_xi(ctx, plans)
             plans = {n: _plan(layers[n], self.options, xis.get(n)) for n in plans}
-        before = calibration_kl(ctx) if self.options.guard else None
+        before = calibration_kl(ctx, self.options.guard_samples) if self.options.guard else None
         undo = _undo_handle({n: layers[n] for n in plans})
         if self.options.mode == "sequential":
             infos = sequential_correction(ctx, list(plans))
         else:
             errors = mean_output_errors(ctx, plans, self.options.robust)
             infos = {n: _apply(layers[n], plan, errors.get(n)) for n, plan in plans.items()}
-        after = calibration_kl(ctx) if self.options.guard else None
+        after = calibration_kl(ctx, self.options.guard_samples) if self.options.guard else None
         kept = before is None or after is None or after <= before
         if not kept:
             log.info("bias correction raised the calibration KL %.5f -> %.5f; undone", before, after)

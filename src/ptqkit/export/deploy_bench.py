@@ -103,7 +103,9 @@ def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str]
                  first_last_8bit: bool = True) -> Path:
     """ONNX Runtime's own static quantization: its pre-processing, then QDQ with per-channel
     signed weights and unsigned activations (int8/uint8, or ORT's INT4/UINT4 types at 4 bits;
-    first and last weights int8 when ``first_last_8bit``), calibrated on ``calib``."""
+    first and last weights int8 when ``first_last_8bit``), calibrated on ``calib``. On x86 CPUs
+    without VNNI weights use ORT's ``reduce_range`` (7 bits), which its integer kernels there
+    need to avoid saturating int16 pair sums."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -124,7 +126,7 @@ def ort_quantize(float_onnx: str | os.PathLike[str], out: str | os.PathLike[str]
     quantize_static(str(pre), str(out), _Reader(calib), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=types[a_bits][1],
                     weight_type=types[w_bits][0], calibrate_method=CalibrationMethod[method],
-                    extra_options=extra)
+                    reduce_range=_reduce_range(cpu_info()), extra_options=extra)
     pre.unlink(missing_ok=True)
     return out
 
