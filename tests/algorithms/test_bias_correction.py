@@ -346,3 +346,53 @@ def test_guard_on_a_subset_uses_the_first_batches_holding_that_many_samples() ->
     assert summary["kl_before"] == pytest.approx(calibration_loss(ref[:1], outs[:1]))
     with pytest.raises(ValueError, match="guard_samples must be >= 1"):
         BiasCorrectionOptions("empirical", guard_samples=0)
+
+
+class _CountingForward:
+    """A CalibrationData forward that counts the batches it runs."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return model(batch)
+
+
+@torch.no_grad()
+def test_empirical_step_makes_no_float_pass_of_its_own(tiny: nn.Module,
+                                                       tiny_data: torch.Tensor) -> None:
+    """Without a cached reference the step's statistics pass provides it: one float pass plus
+    the guard's two quantized passes, and the guard compares against the float model's logits."""
+    ctx = _tiny_ctx(tiny, tiny_data)
+    counter = _CountingForward()
+    ctx.calib = CalibrationData(list(tiny_data.split(8)), forward_fn=counter)
+    BiasCorrection(BiasCorrectionOptions("empirical", robust=False)).run(ctx)
+    assert counter.calls == 3 * len(ctx.calib.batches)
+    assert_close(torch.cat(ctx.cache.float_outputs), tiny(tiny_data), rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_range_pass_keeps_the_float_reference_only_for_later_steps(
+        tiny: nn.Module, tiny_data: torch.Tensor) -> None:
+    """The ranges step's statistics pass caches the float logits when the recipe has later
+    steps and the weights are the float snapshot; a changed weight stops it."""
+    from ptqkit.algorithms.range_init import RangeInit, RangeOptions
+
+    def fresh(steps: list[dict[str, object]]) -> Context:
+        ctx = _tiny_ctx(tiny, tiny_data)
+        ctx.recipe = Recipe.from_dict({"steps": steps})
+        ctx.snapshot_float()
+        return ctx
+
+    ctx = fresh([{"name": "bias_correction"}])
+    RangeInit(RangeOptions()).run(ctx)
+    assert_close(torch.cat(ctx.cache.float_outputs), tiny(tiny_data), rtol=1e-5, atol=1e-6)
+    ctx = fresh([])
+    RangeInit(RangeOptions()).run(ctx)
+    assert ctx.cache.float_outputs is None
+    ctx = fresh([{"name": "bias_correction"}])
+    next(iter(quant_layers(ctx.qmodel).values())).weight.mul_(1.5)
+    assert not ctx.wants_float_outputs()
+    RangeInit(RangeOptions()).run(ctx)
+    assert ctx.cache.float_outputs is None

@@ -309,6 +309,35 @@ class Context:
         that moment swapped in (restored on exit)."""
         return original_float(self.qmodel, self.cache.float_weights)
 
+    def wants_float_outputs(self) -> bool:
+        """Whether a pass of ``qmodel`` with its quantizers off should keep its outputs as the
+        float reference: none are cached yet and every layer's (weight, bias) still equals the
+        float snapshot (a bias added after it must be zero). A float pass that a step makes
+        anyway then stores them with ``keep_float_outputs`` instead of ``float_outputs``
+        running one more."""
+        if self.cache.float_outputs is not None:
+            return False
+        saved = self.cache.float_weights or {}
+        for name, layer in self.layers().items():
+            if name not in saved:
+                continue
+            w, b = saved[name]
+            bias = layer.bias
+            if not torch.equal(layer.weight, w):
+                return False
+            if bias is not None and not torch.equal(bias, b if b is not None
+                                                    else torch.zeros_like(bias)):
+                return False
+        return True
+
+    def keep_float_outputs(self, outputs: list[torch.Tensor]) -> None:
+        """Cache ``outputs`` (one per calibration batch, from a pass that ``wants_float_outputs``
+        approved) as the float reference."""
+        if len(outputs) != len(self.calib.batches):
+            raise ValueError(f"expected one float output per calibration batch "
+                             f"({len(self.calib.batches)}), got {len(outputs)}")
+        self.cache.float_outputs = outputs
+
     @torch.no_grad()
     def float_outputs(self) -> list[torch.Tensor]:
         """Float-model outputs for every calibration batch (computed once, then cached)."""

@@ -180,14 +180,15 @@ def summed_error(mod: QuantModule, x: torch.Tensor, delta: torch.Tensor, linear:
     """Per-channel sum (C,) float64 of op(x, D) over every (real) position of a batch, and the
     number of positions, computed on the batch-summed input: sum_n op(x_n, D) = op(sum_n x_n, D)
     for an op linear in x (convolution with zero padding, linear), so the cost is that of one
-    sample instead of N. x: (N, ...) the layer's input; mask: (N, T) real tokens or None."""
+    sample instead of N. The batch sum is taken in x's dtype (a float64 copy of x cost more
+    than the op); the float64 accumulation is over the output positions.
+    x: (N, ...) the layer's input; mask: (N, T) real tokens or None."""
     if linear and mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
         keep = mask.to(x.dtype).unsqueeze(-1)
-        xs, n = (x * keep).sum(dim=0, keepdim=True, dtype=torch.float64), int(mask.sum())
-        y = mod.op(xs.to(x.dtype), delta, None)
+        xs, n = (x * keep).sum(dim=0, keepdim=True), int(mask.sum())
+        y = mod.op(xs, delta, None)
         return y.sum(dim=tuple(range(y.dim() - 1)), dtype=torch.float64), n
-    xs = x.sum(dim=0, keepdim=True, dtype=torch.float64).to(x.dtype)
-    y = mod.op(xs, delta, None)
+    y = mod.op(x.sum(dim=0, keepdim=True), delta, None)
     rows = channel_rows(y, linear)
     return rows.sum(dim=0, dtype=torch.float64), rows.shape[0] * x.shape[0]
 
@@ -252,11 +253,11 @@ def _xi_collector(layer: QuantModule, xi: torch.Tensor, acc: dict[str, Any]) -> 
 def _stats_pass(ctx: Context, collectors: dict[str, Collector], desc: str) -> None:
     """One pass of the float model over the calibration set; each named layer's collector sees
     its float input and the batch's token mask (None for non-token batches). When the float
-    reference logits are not cached yet and the weights are still the original float ones, the
-    pass caches them too (``Context.float_outputs`` then costs nothing)."""
+    reference logits are not cached yet and the weights are still the float snapshot, the pass
+    caches them too (``Context.wants_float_outputs``)."""
     layers = ctx.layers()
     state: dict[str, Any] = {}
-    record = ctx.cache.float_outputs is None and ctx.cache.float_weights is None
+    record = ctx.wants_float_outputs()
     outputs: list[torch.Tensor] = []
 
     def hook(name: str):  # type: ignore[no-untyped-def]
@@ -274,7 +275,7 @@ def _stats_pass(ctx: Context, collectors: dict[str, Collector], desc: str) -> No
         for h in handles:
             h.remove()
     if record:
-        ctx.cache.float_outputs = outputs
+        ctx.keep_float_outputs(outputs)
 
 
 @torch.no_grad()
@@ -421,21 +422,22 @@ class BiasCorrection(Step[BiasCorrectionOptions]):
     effects = frozenset({"tunes_ranges", "changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        if self.options.mode == "sequential" or ctx.cache.float_weights is not None:
-            ctx.float_outputs()  # cache the float reference before weights are rescaled
+        guard = self.options.guard
         layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active}
         plans = {n: _plan(layer, self.options) for n, layer in layers.items()}
         if self.options.robust and self.options.mode in ("both", "banner"):
             xis = checked_xi(ctx, plans)
             plans = {n: _plan(layers[n], self.options, xis.get(n)) for n in plans}
-        before = calibration_kl(ctx, self.options.guard_samples) if self.options.guard else None
         undo = _undo_handle({n: layers[n] for n in plans})
         if self.options.mode == "sequential":
+            ctx.float_outputs()  # the reference, cached before any bias moves
+            before = calibration_kl(ctx, self.options.guard_samples) if guard else None
             infos = sequential_correction(ctx, list(plans))
-        else:
+        else:  # the statistics pass changes nothing and caches the float reference if needed
             errors = mean_output_errors(ctx, plans, self.options.robust)
+            before = calibration_kl(ctx, self.options.guard_samples) if guard else None
             infos = {n: _apply(layers[n], plan, errors.get(n)) for n, plan in plans.items()}
-        after = calibration_kl(ctx, self.options.guard_samples) if self.options.guard else None
+        after = calibration_kl(ctx, self.options.guard_samples) if guard else None
         kept = before is None or after is None or after <= before
         if not kept:
             log.info("bias correction raised the calibration KL %.5f -> %.5f; undone", before, after)

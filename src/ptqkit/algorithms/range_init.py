@@ -57,21 +57,30 @@ def init_weight_ranges(ctx: Context, opts: RangeOptions) -> None:
 
 
 @torch.no_grad()
-def float_input_samples(ctx: Context, max_samples: int) -> dict[str, torch.Tensor]:
+def float_input_samples(ctx: Context, max_samples: int,
+                        keep_outputs: bool = False) -> dict[str, torch.Tensor]:
     """Samples of every layer's input in a single pass over the calibration data, with all
-    quantizers off (float inputs): they do not depend on the quantizers' current ranges."""
+    quantizers off (float inputs): they do not depend on the quantizers' current ranges.
+    ``keep_outputs``: while the weights are the float snapshot, the pass also caches the float
+    reference outputs that later steps compare against (``Context.wants_float_outputs``)."""
+    outputs: list[torch.Tensor] | None = [] if keep_outputs and ctx.wants_float_outputs() else None
     with quantizers_disabled(ctx.qmodel):
-        return collect_input_samples(ctx.qmodel, ctx.layers(), ctx.calib, max_samples, ctx.seed)
+        samples = collect_input_samples(ctx.qmodel, ctx.layers(), ctx.calib, max_samples,
+                                        ctx.seed, outputs)
+    if outputs is not None:
+        ctx.keep_float_outputs(outputs)
+    return samples
 
 
 @torch.no_grad()
 def init_activation_ranges(ctx: Context, opts: RangeOptions,
-                           samples: dict[str, torch.Tensor] | None = None) -> None:
-    """One range per layer input from ``samples`` (default: ``float_input_samples``; pass them
-    to set several range methods from one data pass)."""
+                           samples: dict[str, torch.Tensor] | None = None,
+                           keep_outputs: bool = False) -> None:
+    """One range per layer input from ``samples`` (default: ``float_input_samples``, which
+    ``keep_outputs`` is passed to; pass samples to set several range methods from one pass)."""
     fn = get_range_method(opts.activations)
     if samples is None:
-        samples = float_input_samples(ctx, opts.max_samples)
+        samples = float_input_samples(ctx, opts.max_samples, keep_outputs)
     for name, layer in ctx.layers().items():
         if name in samples:
             x = samples[name].reshape(1, -1)
@@ -149,6 +158,8 @@ class RangeInit(Step[RangeOptions]):
 
     def run(self, ctx: Context) -> dict[str, Any]:
         init_weight_ranges(ctx, self.options)
-        init_activation_ranges(ctx, self.options)
+        # later steps compare against the float outputs: the statistics pass keeps them
+        later_steps = ctx.recipe is not None and bool(ctx.recipe.steps)
+        init_activation_ranges(ctx, self.options, keep_outputs=later_steps)
         return {"weights": self.options.weights, "activations": self.options.activations,
                 "available": sorted(RANGE_METHODS)}

@@ -40,9 +40,11 @@ def record_io(modules: Mapping[str, nn.Module], inputs: bool = True,
 
 @torch.no_grad()
 def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], data: CalibrationData,
-                          max_samples: int = 1 << 20, seed: int = 0) -> dict[str, torch.Tensor]:
+                          max_samples: int = 1 << 20, seed: int = 0,
+                          outputs: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One pass over ``data``: a random subsample of every module's input values. Padded token
     positions of text batches (attention mask 0) are left out: they are not real inputs.
+    ``outputs``: when given, the model's output of each batch is appended to it.
 
     Returns {name: 1-D tensor} of at most ``max_samples`` + 2 values per module; the exact minimum
     and maximum seen are always included, so min-max ranges from a sample are exact.
@@ -70,7 +72,9 @@ def collect_input_samples(model: nn.Module, modules: Mapping[str, nn.Module], da
     try:
         for batch in tqdm(data.batches, desc="activation statistics", leave=False, disable=None):
             state["mask"] = token_mask_of(batch)
-            data.forward(model, batch)
+            out = data.forward(model, batch)
+            if outputs is not None:
+                outputs.append(out)
     finally:
         for h in handles:
             h.remove()
