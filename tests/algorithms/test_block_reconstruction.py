@@ -176,3 +176,34 @@ def test_interrupt_leaves_the_user_model_untouched(monkeypatch: pytest.MonkeyPat
         _run_step(model, _data(32), iters=3)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("model_cls", [Units, Untraceable])
+def test_block_caches_together_stay_within_the_memory_budget(
+        monkeypatch: pytest.MonkeyPatch, model_cls: type[nn.Module]) -> None:
+    """The caches alive at once hold at most memory_budget_mb in memory together; the rest
+    spills to disk, and the result is the same as with everything in memory."""
+    live: list[br.ActivationCache] = []
+    peak = {"memory": 0, "disk": 0}
+
+    class Spy(br.ActivationCache):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            live.append(self)
+
+        def append(self, *tensors: torch.Tensor) -> None:
+            super().append(*tensors)
+            peak["memory"] = max(peak["memory"], sum(c.memory_bytes for c in live))
+            peak["disk"] = max(peak["disk"], self.disk_bytes)
+
+    budget_mb = 0.02  # the 48-sample inputs (12 KB per cache) do not all fit
+    torch.manual_seed(0)
+    roomy = _run_step(model_cls().eval(), _data(), iters=5, batch_size=16)
+    monkeypatch.setattr(br, "ActivationCache", Spy)
+    torch.manual_seed(0)
+    tight = _run_step(model_cls().eval(), _data(), iters=5, batch_size=16,
+                      memory_budget_mb=budget_mb)
+    assert 0 < peak["memory"] <= budget_mb * (1 << 20)
+    assert peak["disk"] > 0
+    for name, layer in quant_layers(tight).items():
+        assert torch.equal(layer.weight, quant_layers(roomy)[name].weight), name

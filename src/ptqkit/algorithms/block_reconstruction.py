@@ -36,7 +36,8 @@ reconstruction MSE on the calibration data is not above the round-to-nearest sta
 the start is restored.
 
 Block inputs and outputs are cached once per block (one segment pass per batch, in an
-:class:`~ptqkit.calib.cache.ActivationCache` that spills to disk above ``memory_budget_mb``);
+:class:`~ptqkit.calib.cache.ActivationCache`; together they spill to disk above
+``memory_budget_mb``);
 nothing restarts a forward pass.
 """
 
@@ -82,7 +83,10 @@ class BlockReconstructionOptions:
     reg_weight: lambda of the rounding regulariser; beta_start / beta_end / warmup: its annealing.
     drop_prob: QDrop's probability that an activation element is left float during reconstruction
     (0: every element quantized, as in BRECQ).
-    memory_budget_mb: in-memory share of each block cache; the rest spills to ``spill_dir``.
+    memory_budget_mb: in-memory budget of the block caches together. At most ``LIVE_CACHES``
+    are alive at once (quantized-prefix inputs, float inputs, the block's float outputs, the
+    next block's inputs), each holding up to a quarter in memory; the rest spills to
+    ``spill_dir``.
     check_samples: calibration samples on which the end result is compared with the start.
     """
 
@@ -450,7 +454,8 @@ class _Walk:
             self.extras.append({})
 
     def _cache(self) -> ActivationCache:
-        return ActivationCache(int(self.opts.memory_budget_mb * (1 << 20)), self.opts.spill_dir)
+        share = self.opts.memory_budget_mb * (1 << 20) / LIVE_CACHES
+        return ActivationCache(int(share), self.opts.spill_dir)
 
     def inputs(self, block: Block) -> tuple[ActivationCache, ActivationCache, Run]:
         """(quantized-prefix inputs, float targets, run) of ``block``."""
@@ -496,6 +501,9 @@ class _Walk:
     def close(self) -> None:
         self.xq.close()
         self.xf.close()
+
+
+LIVE_CACHES = 4  # caches a _Walk holds at once: xq, xf and ys, plus the new inputs in advance()
 
 
 @register_step
