@@ -422,7 +422,9 @@ class BiasCorrection(Step[BiasCorrectionOptions]):
     effects = frozenset({"tunes_ranges", "changes_weights"})
 
     def run(self, ctx: Context) -> dict[str, Any]:
-        guard = self.options.guard
+        def guard_kl() -> float | None:
+            return calibration_kl(ctx, self.options.guard_samples) if self.options.guard else None
+
         layers = {n: m for n, m in ctx.layers().items() if m.w_quant.active}
         plans = {n: _plan(layer, self.options) for n, layer in layers.items()}
         if self.options.robust and self.options.mode in ("both", "banner"):
@@ -431,13 +433,13 @@ class BiasCorrection(Step[BiasCorrectionOptions]):
         undo = _undo_handle({n: layers[n] for n in plans})
         if self.options.mode == "sequential":
             ctx.float_outputs()  # the reference, cached before any bias moves
-            before = calibration_kl(ctx, self.options.guard_samples) if guard else None
+            before = guard_kl()
             infos = sequential_correction(ctx, list(plans))
         else:  # the statistics pass changes nothing and caches the float reference if needed
             errors = mean_output_errors(ctx, plans, self.options.robust)
-            before = calibration_kl(ctx, self.options.guard_samples) if guard else None
+            before = guard_kl()
             infos = {n: _apply(layers[n], plan, errors.get(n)) for n, plan in plans.items()}
-        after = calibration_kl(ctx, self.options.guard_samples) if guard else None
+        after = guard_kl()
         kept = before is None or after is None or after <= before
         if not kept:
             log.info("bias correction raised the calibration KL %.5f -> %.5f; undone", before, after)

@@ -85,8 +85,8 @@ class BlockReconstructionOptions:
     (0: every element quantized, as in BRECQ).
     memory_budget_mb: in-memory budget of the block caches together. At most ``LIVE_CACHES``
     are alive at once (quantized-prefix inputs, float inputs, the block's float outputs, the
-    next block's inputs), each holding up to a quarter in memory; the rest spills to
-    ``spill_dir``.
+    next block's inputs), each holding up to 1/LIVE_CACHES of it in memory; the rest spills
+    to ``spill_dir``.
     check_samples: calibration samples on which the end result is compared with the start.
     """
 
@@ -434,6 +434,9 @@ def reconstruct_block(layers: list[QuantModule], run: Run, xs: ActivationCache, 
 
 
 # ----------------------------------------------------------------------------- the step
+LIVE_CACHES = 4  # caches a _Walk holds at once: xq, xf and ys, plus the new inputs in advance()
+
+
 class _Walk:
     """Block inputs of the quantized and float models, one block after the other."""
 
@@ -501,9 +504,6 @@ class _Walk:
     def close(self) -> None:
         self.xq.close()
         self.xf.close()
-
-
-LIVE_CACHES = 4  # caches a _Walk holds at once: xq, xf and ys, plus the new inputs in advance()
 
 
 @register_step
